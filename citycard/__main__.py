@@ -1,0 +1,5 @@
+import sys
+
+from citycard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""citycard.core: the settlement core (ledger), the registry and the card lifecycle."""
