@@ -39,6 +39,32 @@ cdef extern from *:
     }
     """
     uint64_t monotonic_ns "citycard_monotonic_ns"() nogil
+
+cdef extern from *:
+    """
+    #include <sys/mman.h>
+    /* The account array and the id indexes reach gigabytes and are touched at random: transparent
+       huge pages spare a page-table walk on most touches. mmap'd memory also arrives zeroed, and
+       mremap grows the account array without copying it. */
+    static void *citycard_big_alloc(size_t bytes) {
+        void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return NULL;
+        madvise(p, bytes, MADV_HUGEPAGE);
+        return p;
+    }
+    static void *citycard_big_realloc(void *old, size_t old_bytes, size_t new_bytes) {
+        void *p;
+        if (old == NULL) return citycard_big_alloc(new_bytes);
+        p = mremap(old, old_bytes, new_bytes, MREMAP_MAYMOVE);
+        if (p == MAP_FAILED) return NULL;
+        madvise(p, new_bytes, MADV_HUGEPAGE);
+        return p;
+    }
+    static void citycard_big_free(void *p, size_t bytes) { if (p != NULL) munmap(p, bytes); }
+    """
+    void *big_alloc "citycard_big_alloc"(size_t bytes) nogil
+    void *big_realloc "citycard_big_realloc"(void *old, size_t old_bytes, size_t new_bytes) nogil
+    void big_free "citycard_big_free"(void *p, size_t bytes) nogil
     uint64_t be64 "citycard_be64"(uint64_t x) nogil
     void prefetch "citycard_prefetch"(const void *p) nogil
 
@@ -121,7 +147,7 @@ cdef int idmap_init(IdMap *m, uint64_t capacity) noexcept nogil:
     cdef uint64_t cap = 1024
     while cap < capacity:
         cap <<= 1
-    m.slots = <Slot*>calloc(cap, sizeof(Slot))
+    m.slots = <Slot*>big_alloc(cap * sizeof(Slot))
     if m.slots == NULL:
         return -1
     m.mask = cap - 1
@@ -129,7 +155,8 @@ cdef int idmap_init(IdMap *m, uint64_t capacity) noexcept nogil:
     return 0
 
 cdef void idmap_free(IdMap *m) noexcept nogil:
-    free(m.slots)
+    if m.slots != NULL:
+        big_free(m.slots, (m.mask + 1) * sizeof(Slot))
     m.slots = NULL
     m.mask = 0
     m.count = 0
@@ -148,11 +175,10 @@ cdef inline Slot* idmap_find(IdMap *m, U128 key) noexcept nogil:
 cdef inline void idmap_prefetch(IdMap *m, U128 key) noexcept nogil:
     prefetch(&m.slots[hash_u128(key) & m.mask])
 
-cdef int idmap_grow(IdMap *m) noexcept nogil:
+cdef int idmap_grow(IdMap *m, uint64_t new_cap) noexcept nogil:
     cdef uint64_t old_cap = m.mask + 1
     cdef Slot *old = m.slots
-    cdef uint64_t new_cap = old_cap * 2
-    cdef Slot *fresh = <Slot*>calloc(new_cap, sizeof(Slot))
+    cdef Slot *fresh = <Slot*>big_alloc(new_cap * sizeof(Slot))
     cdef uint64_t k, i
     if fresh == NULL:
         return -1
@@ -162,7 +188,7 @@ cdef int idmap_grow(IdMap *m) noexcept nogil:
             while fresh[i].key.lo != 0 or fresh[i].key.hi != 0:
                 i = (i + 1) & (new_cap - 1)
             fresh[i] = old[k]
-    free(old)
+    big_free(old, old_cap * sizeof(Slot))
     m.slots = fresh
     m.mask = new_cap - 1
     return 0
@@ -171,7 +197,7 @@ cdef int idmap_insert(IdMap *m, U128 key, uint64_t a, uint64_t b) noexcept nogil
     """Insert a key known to be absent. Keeps the load factor at or below one half."""
     cdef uint64_t i
     if (m.count + 1) * 2 > m.mask + 1:
-        if idmap_grow(m) != 0:
+        if idmap_grow(m, (m.mask + 1) * 2) != 0:
             return -1
     i = hash_u128(key) & m.mask
     while m.slots[i].key.lo != 0 or m.slots[i].key.hi != 0:
@@ -181,6 +207,15 @@ cdef int idmap_insert(IdMap *m, U128 key, uint64_t a, uint64_t b) noexcept nogil
     m.slots[i].b = b
     m.count += 1
     return 0
+
+cdef int idmap_reserve(IdMap *m, uint64_t count) noexcept nogil:
+    """Make room for `count` keys in all, so that loading them never rehashes."""
+    cdef uint64_t cap = m.mask + 1
+    while count * 2 > cap:
+        cap *= 2
+    if cap == m.mask + 1:
+        return 0
+    return idmap_grow(m, cap)
 
 cdef void idmap_remove(IdMap *m, U128 key) noexcept nogil:
     """Backward-shift deletion: keeps every other key reachable from its home slot."""
@@ -344,7 +379,10 @@ cdef class Core:
         if self.env != NULL:
             mdb_env_close(self.env)
             self.env = NULL
-        free(self.accounts); self.accounts = NULL
+        if self.accounts != NULL:
+            big_free(self.accounts, self.accounts_capacity * sizeof(Account))
+            self.accounts = NULL
+            self.accounts_capacity = 0
         free(self.heap); self.heap = NULL
         free(self.movements); self.movements = NULL
         free(self.known_ledgers); self.known_ledgers = NULL
@@ -436,7 +474,7 @@ cdef class Core:
             return 0
         while cap < want:
             cap *= 2
-        fresh = <Account*>realloc(self.accounts, cap * sizeof(Account))
+        fresh = <Account*>big_realloc(self.accounts, self.accounts_capacity * sizeof(Account), cap * sizeof(Account))
         if fresh == NULL:
             return -1
         self.accounts = fresh
@@ -1137,6 +1175,7 @@ cdef class Core:
         cdef Change *change_events = NULL
         cdef Transfer *transfer_events = NULL
         cdef uint64_t clock, i, kept, undo_mark, events_mark
+        cdef uint64_t accounts_before = self.accounts_count
         cdef bint failed = False
         cdef int rc
         cdef MDB_txn *txn = NULL
@@ -1149,10 +1188,9 @@ cdef class Core:
         account_results = np.zeros(n_accounts, dtype=_records.RESULT_DTYPE)
         change_results = np.zeros(n_changes, dtype=_records.RESULT_DTYPE)
         transfer_results = np.zeros(n_transfers, dtype=_records.RESULT_DTYPE)
-        # Accounts are compacted in place before they are logged, so they get a copy; changes and
-        # transfers are only read (what is logged of a transfer is built in batch_stored).
+        # The events are only read: what is logged is built apart (the account array, batch_stored).
         if n_accounts:
-            accounts = np.array(accounts, copy=True, order="C")
+            accounts = np.ascontiguousarray(accounts)
             account_events = <Account*><size_t>accounts.ctypes.data
         if n_changes:
             changes = np.ascontiguousarray(changes)
@@ -1210,7 +1248,7 @@ cdef class Core:
         try:
             rc = 0
             if not failed:
-                rc = self._append_accounts(account_events, ra, n_accounts)
+                rc = self._append_accounts(accounts_before)
                 if not rc:
                     kept = self.gather_ok(self.batch_stored, sizeof(Transfer), rt, n_transfers)
                     if kept:
@@ -1239,18 +1277,24 @@ cdef class Core:
         self.batch_count = 0
         return account_results, change_results, transfer_results
 
-    cdef int _append_accounts(self, Account *events, Result *results, uint64_t n) noexcept:
-        """Append the accounts created by this batch, with their timestamps and creation flags."""
-        cdef uint64_t i, kept = 0
-        cdef Account *stored
-        for i in range(n):
-            if results[i].status == AR_OK:
-                stored = &self.accounts[idmap_find(&self.account_index, events[i].id).a]
-                events[kept] = stored[0]
-                kept += 1
+    cdef int _append_accounts(self, uint64_t first_index) noexcept:
+        """Append the accounts this batch created: they sit at the end of the account array, in order,
+        with their timestamps and creation flags (a freeze in the same batch is logged as an event)."""
+        cdef uint64_t kept = self.accounts_count - first_index
+        cdef uint64_t i
+        cdef Account *created
+        cdef int rc
         if kept == 0:
             return 0
-        return self.append_block(self.dbi_accounts, events, sizeof(Account), kept, events[kept - 1].timestamp)
+        created = <Account*>malloc(kept * sizeof(Account))
+        if created == NULL:
+            return -1
+        memcpy(created, &self.accounts[first_index], kept * sizeof(Account))
+        for i in range(kept):
+            created[i].flags &= ~(ACCOUNT_FROZEN | ACCOUNT_CLOSED)
+        rc = self.append_block(self.dbi_accounts, created, sizeof(Account), kept, created[kept - 1].timestamp)
+        free(created)
+        return rc
 
     cdef void _abort_batch(self):
         if self.txn != NULL:
@@ -1380,12 +1424,26 @@ cdef class Core:
         if rc:
             raise _lmdb_error(rc, "mdb_txn_begin")
         try:
+            # Size the indexes and the account array for what the log holds, so loading never rehashes.
+            accounts_max = self._records_at_most(txn, self.dbi_accounts, sizeof(Account))
+            if (idmap_reserve(&self.account_index, accounts_max) != 0
+                    or idmap_reserve(&self.transfer_index, self._records_at_most(txn, self.dbi_transfers, sizeof(Transfer))) != 0
+                    or self.reserve_accounts(accounts_max) != 0):
+                raise MemoryError()
             self._replay_accounts(txn)
             self._replay_transfers(txn)
             self._replay_events(txn)
         finally:
             mdb_txn_abort(txn)
         self._check_invariants()
+
+    cdef uint64_t _records_at_most(self, MDB_txn *txn, MDB_dbi dbi, size_t record_size) except? 0:
+        """An upper bound of the records in a log: its pages' bytes over the record size."""
+        cdef MDB_stat stat
+        cdef int rc = mdb_stat(txn, dbi, &stat)
+        if rc:
+            raise _lmdb_error(rc, "mdb_stat")
+        return (stat.ms_leaf_pages + stat.ms_overflow_pages) * stat.ms_psize // record_size + 1
 
     cdef void _replay_accounts(self, MDB_txn *txn) except *:
         cdef MDB_cursor *cursor = NULL
