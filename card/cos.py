@@ -1,0 +1,177 @@
+"""The chip's operating system: one APDU in, one response out, state persisted before it leaves.
+
+`VirtualCard.process` is the whole contract. It never raises: a malformed or refused command
+yields its ISO status word and changes nothing; an internal fault yields 6F 00 after the card
+rolls its memory back to the last persisted image. Routing is by CLA and INS:
+
+* CLA 00: the ISO commands (iso.py, security.py) in any DF;
+* CLA 80: CHANGE/RELOAD PIN in any DF, the ED/EP commands (purse.py) only while the purse ADF is
+  the current DF (elsewhere they are "instruction not supported", 6D 00), short APDUs only.
+
+Volatile state (the selection, PIN-verified and authenticated flags) resets on power-on and reset.
+The one-shot `pending` slot (a purse session after INITIALIZE, a challenge after GET CHALLENGE)
+belongs to the next command only: `process` empties it before dispatching, so "immediately
+preceded by" is enforced in one place. A card object is not thread-safe; vpcd serialises APDUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+from . import iso, purse, security
+from .apdu import Command, parse_command
+from .fs import DedicatedFile, ElementaryFile
+from .purse import PurseData
+from .state import CardImage, FileStore, StateStore
+from .sw import SW, Refusal
+
+__all__ = ["ATR", "VirtualCard", "make_atr"]
+
+log = logging.getLogger("citycard.card.cos")
+
+Handler = Callable[["VirtualCard", Command, object], bytes]
+
+CLA_ISO = 0x00
+CLA_PROPRIETARY = 0x80
+
+
+def make_atr(historical: bytes) -> bytes:
+    """TS 3B, T0 with TD1, TD1 80 (T=0, TD2 follows), TD2 01 (T=1), historical bytes, TCK."""
+    if len(historical) > 15:
+        raise ValueError("at most 15 historical bytes")
+    body = bytes((0x80 | len(historical), 0x80, 0x01)) + historical
+    tck = 0
+    for byte in body:
+        tck ^= byte
+    return b"\x3b" + body + bytes((tck,))
+
+
+# Tried with Debian's pcscd + vpcd (pcsc-stack.md §3): pyscard negotiates T=1.
+ATR = make_atr(bytes.fromhex("0031C173C84000009000"))
+
+
+class VirtualCard:
+    def __init__(
+        self,
+        image: CardImage,
+        store: StateStore,
+        *,
+        random: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        self.image = image
+        self.store = store
+        self._random = random
+        self._saved = image.to_bytes()  # what the store holds: the rollback point
+        self.atr = ATR
+        self.reset()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, fsync: bool = True) -> VirtualCard:
+        """The card whose state lives in `path` (a file written by personalize)."""
+        store = FileStore(Path(path), fsync=fsync)
+        return cls(store.load(), store)
+
+    # -- volatile state ----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Power-on or warm reset: the MF is selected, every security status is cleared."""
+        self.current_df: DedicatedFile = self.image.mf
+        self.current_ef: ElementaryFile | None = None
+        self.pin_verified = False
+        self.authenticated = False  # EXTERNAL AUTHENTICATE succeeded in the current DF
+        self.pending: object | None = None
+
+    def select_df(self, df: DedicatedFile) -> None:
+        if df is not self.current_df:
+            self.authenticated = False  # security status obtained in a DF ends when it is left
+        self.current_df = df
+        self.current_ef = None
+
+    @property
+    def purse(self) -> PurseData:
+        if self.image.purse is None:
+            raise Refusal(SW.FUNCTION_NOT_SUPPORTED)
+        return self.image.purse
+
+    def random(self, count: int) -> bytes:
+        value = self._random(count)
+        if len(value) != count:
+            raise RuntimeError("the random source returned the wrong number of bytes")
+        return value
+
+    # -- persistence ----------------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Persist the image in one atomic step; on failure roll back and answer 65 81."""
+        data = self.image.to_bytes()
+        try:
+            self.store.save(data)
+        except Exception as exc:  # noqa: BLE001 - any storage failure means "the write did not happen"
+            log.error("card state not saved (%s); memory rolled back to the last saved image", type(exc).__name__)
+            self._rollback()
+            raise Refusal(SW.MEMORY_FAILURE) from None
+        self._saved = data
+
+    def _rollback(self) -> None:
+        self.image = CardImage.from_bytes(self._saved)
+        self.reset()
+
+    # -- the APDU contract -------------------------------------------------------------------------------
+
+    def process(self, apdu: bytes) -> bytes:
+        """Answer one command APDU with a response APDU (data || SW1 SW2). Never raises."""
+        pending, self.pending = self.pending, None
+        try:
+            handler = self._route(apdu)
+            command = parse_command(apdu)
+            if command.cla == CLA_PROPRIETARY and command.extended:
+                raise Refusal(SW.WRONG_LENGTH)  # ED/EP never needs extended length (§1.1)
+            return handler(self, command, pending)
+        except Refusal as refusal:
+            self.pending = None
+            return refusal.sw.to_bytes(2, "big")
+        except Exception:
+            ins = apdu[1] if len(apdu) > 1 else -1
+            log.exception("internal fault on INS %02X; memory rolled back", ins)
+            self._rollback()
+            return SW.NO_PRECISE_DIAGNOSIS.to_bytes(2, "big")
+
+    def _route(self, apdu: bytes) -> Handler:
+        if len(apdu) < 4:
+            raise Refusal(SW.WRONG_LENGTH)
+        cla, ins = apdu[0], apdu[1]
+        handler: Handler | None
+        if cla == CLA_ISO:
+            handler = _ISO_HANDLERS.get(ins)
+        elif cla == CLA_PROPRIETARY:
+            handler = security.PROPRIETARY_HANDLERS.get(ins)
+            if handler is None and self.current_df.application == "purse":
+                handler = purse.HANDLERS.get(ins)
+        else:
+            raise Refusal(SW.CLA_NOT_SUPPORTED)
+        if handler is None:
+            raise Refusal(SW.INS_NOT_SUPPORTED)
+        return handler
+
+    def power(self, on: bool) -> None:
+        """vpcd power on/off (and reset): volatile state goes, the image stays."""
+        self.reset()
+
+    # -- for tests ----------------------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[dict[str, object], tuple[object, ...]]:
+        """Persistent image plus the lasting volatile state, to prove a refused command changed neither."""
+        df_path = []
+        df: DedicatedFile | None = self.current_df
+        while df is not None:
+            df_path.append((df.fid, df.name))
+            df = df.parent
+        ef_fid = self.current_ef.fid if self.current_ef is not None else None
+        return self.image.to_json(), (tuple(df_path), ef_fid, self.pin_verified, self.authenticated)
+
+
+_ISO_HANDLERS: dict[int, Handler] = {**iso.HANDLERS, **security.HANDLERS}
