@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     _register_optional("citycard.card.cli", card_commands)
     _register_optional("citycard.commands.cards", card_commands)
 
-    for module in ("citycard.commands.person", "citycard.commands.lifecycle", "citycard.commands.denylist",
-                   "citycard.commands.audit"):
+    for module in ("citycard.commands.person", "citycard.commands.employer", "citycard.commands.lifecycle",
+                   "citycard.commands.denylist", "citycard.commands.audit", "citycard.commands.serve"):
         _register_optional(module, commands)
     return parser
 

@@ -111,8 +111,9 @@ def book_the_day(ledger: Ledger, console: Console) -> None:
         for row, what, status in refused:
             console.print(f"  {row['id']}: {what} -> [red]{status.name.lower()}[/]: {WHY.get(status, '')}")
     if any(int(r["status"]) == TransferResult.EXISTS for r in results):
-        console.print("[cyan]This day was booked before: every transfer answered `exists` and nothing moved "
-                      "twice (ids are idempotency keys).[/]")
+        console.print("[cyan]This day was booked before: each resent transfer answered `exists` (a resent linked "
+                      "chain fails as one, so its second transfer shows linked_event_failed) and nothing moved twice: "
+                      "ids are idempotency keys.[/]")
 
 
 WHY = {
@@ -147,12 +148,11 @@ def run(args: argparse.Namespace) -> int:
     with Ledger(data / "ledger") as ledger:
         book_the_day(ledger, console)
         show_balances(ledger, console)
-    _more_acts(data, console)
-    return 0
+    return 0 if _more_acts(data, console) else 1
 
 
-def _more_acts(data: Path, console: Console) -> None:
-    """The acts of the other parts of the platform, where they are built."""
+def _more_acts(data: Path, console: Console) -> bool:
+    """The acts of the other parts of the platform, where they are built. False if one could not run."""
     lifecycle = _optional("citycard.lifecycle_demo")
     if lifecycle is not None:
         console.rule("[bold]Cards and their lifecycle")
@@ -161,7 +161,17 @@ def _more_acts(data: Path, console: Console) -> None:
     card = _optional("citycard.card.demo")
     if card is not None:
         console.rule("[bold]The card itself: a virtual CPU card through real PC/SC")
-        card.run_card_demo(lambda line: console.print(line, markup=False, highlight=False))
+        from citycard.card.pcscd import PcscdError
+        from citycard.card.vpcd import VpcdError
+
+        try:
+            card.run_card_demo(lambda line: console.print(line, markup=False, highlight=False))
+        except (PcscdError, VpcdError) as failure:
+            # One pcscd serves a machine: a foreign one without the vpcd reader blocks this act.
+            console.print(f"[red]The card act could not run: {failure}. Stop the other pcscd "
+                          "(or free vpcd's port 35963) and run the demo again.[/]")
+            return False
+    return True
 
 
 def _optional(module_name: str):

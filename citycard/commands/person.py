@@ -1,11 +1,10 @@
-"""``citycard person add|show|set-password`` (and, beside it, ``citycard employer``)."""
+"""``citycard person add|show|set-password``."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from citycard.commands import employer as employer_commands
 from citycard.commands.common import (
     add_common_options,
     command,
@@ -54,7 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_common_options(password, unmask=False)
     password.set_defaults(handler=set_password)
 
-    employer_commands.register(subparsers)
 
 
 @command

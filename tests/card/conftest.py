@@ -52,7 +52,9 @@ def terminal(card: VirtualCard, master_keys: MasterKeys) -> Terminal:
 # -- real PC/SC ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+# Package scope: pcscd stops when the card tests are done, so later tests (the demo) find the machine
+# as CI does: with no pcscd running.
+@pytest.fixture(scope="package")
 def pcscd_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PcscDaemon]:
     daemon = PcscDaemon(tmp_path_factory.mktemp("pcscd"), entries=2, name="citycard test")
     try:
