@@ -263,6 +263,54 @@ cdef object u128_sum_to_py(u128_t value):
     return (<object>hi << 64) | <object>lo
 
 
+cdef class LogReader:
+    """Reads one of the logs block by block, checking what it reads back from disk: blocks of whole
+    records under 8-byte keys, timestamps strictly increasing."""
+
+    cdef MDB_cursor *cursor
+    cdef size_t record_size
+    cdef str name
+    cdef bint started
+    cdef void *records          # the current block
+    cdef uint64_t count         # ... and how many records it holds
+    cdef uint64_t last_timestamp
+
+    def __cinit__(self, size_t txn_address, MDB_dbi dbi, size_t record_size, str name):
+        cdef int rc = mdb_cursor_open(<MDB_txn*>txn_address, dbi, &self.cursor)
+        if rc:
+            self.cursor = NULL
+            raise _lmdb_error(rc, f"opening the {name} log")
+        self.record_size = record_size
+        self.name = name
+
+    cdef bint next_block(self) except -1:
+        cdef MDB_val key, value
+        cdef int rc = mdb_cursor_get(self.cursor, &key, &value, MDB_NEXT if self.started else MDB_FIRST)
+        self.started = True
+        if rc == MDB_NOTFOUND:
+            return False
+        if rc:
+            raise _lmdb_error(rc, f"reading the {self.name} log")
+        if key.mv_size != 8 or value.mv_size == 0 or value.mv_size % self.record_size:
+            raise CorruptionError(f"a {self.name} block of {value.mv_size} bytes is not whole records")
+        self.records = value.mv_data
+        self.count = value.mv_size // self.record_size
+        return True
+
+    cdef inline void check_order(self, uint64_t timestamp) except *:
+        if timestamp <= self.last_timestamp:
+            raise CorruptionError(f"the {self.name} log is out of order")
+        self.last_timestamp = timestamp
+
+    cdef void close(self):
+        if self.cursor != NULL:
+            mdb_cursor_close(self.cursor)
+            self.cursor = NULL
+
+    def __dealloc__(self):
+        self.close()
+
+
 cdef class Core:
     """The ledger's state and its log. Not thread-safe: one thread owns a Core (the writer)."""
 
@@ -1446,65 +1494,39 @@ cdef class Core:
         return (stat.ms_leaf_pages + stat.ms_overflow_pages) * stat.ms_psize // record_size + 1
 
     cdef void _replay_accounts(self, MDB_txn *txn) except *:
-        cdef MDB_cursor *cursor = NULL
-        cdef MDB_val k, v
+        cdef LogReader reader = LogReader(<size_t>txn, self.dbi_accounts, sizeof(Account), "accounts")
         cdef Account *block
-        cdef uint64_t i, n
-        cdef int rc = mdb_cursor_open(txn, self.dbi_accounts, &cursor)
-        if rc:
-            raise _lmdb_error(rc, "mdb_cursor_open")
-        rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
-        while rc == 0:
-            if v.mv_size % sizeof(Account) or k.mv_size != 8:
-                mdb_cursor_close(cursor)
-                raise CorruptionError(f"an accounts block of {v.mv_size} bytes is not whole records")
-            block = <Account*>v.mv_data
-            n = v.mv_size // sizeof(Account)
-            if self.reserve_accounts(n) != 0:
-                mdb_cursor_close(cursor)
-                raise MemoryError()
-            for i in range(n):
-                if block[i].timestamp <= self.last_timestamp or idmap_find(&self.account_index, block[i].id) != NULL:
-                    mdb_cursor_close(cursor)
-                    raise CorruptionError("accounts log out of order or with a duplicate id")
-                if idmap_insert(&self.account_index, block[i].id, self.accounts_count, 0) != 0:
-                    mdb_cursor_close(cursor)
+        cdef uint64_t i
+        try:
+            while reader.next_block():
+                block = <Account*>reader.records
+                if self.reserve_accounts(reader.count) != 0:
                     raise MemoryError()
-                self.accounts[self.accounts_count] = block[i]
-                self.accounts_count += 1
-                self.last_timestamp = block[i].timestamp
-            rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
-        mdb_cursor_close(cursor)
-        if rc != MDB_NOTFOUND:
-            raise _lmdb_error(rc, "reading the accounts log")
+                for i in range(reader.count):
+                    reader.check_order(block[i].timestamp)
+                    if idmap_find(&self.account_index, block[i].id) != NULL:
+                        raise CorruptionError("the accounts log repeats an id")
+                    if idmap_insert(&self.account_index, block[i].id, self.accounts_count, 0) != 0:
+                        raise MemoryError()
+                    self.accounts[self.accounts_count] = block[i]
+                    self.accounts_count += 1
+        finally:
+            reader.close()
+        self.last_timestamp = max(self.last_timestamp, reader.last_timestamp)
 
     cdef void _replay_transfers(self, MDB_txn *txn) except *:
-        cdef MDB_cursor *cursor = NULL
-        cdef MDB_val k, v
+        cdef LogReader reader = LogReader(<size_t>txn, self.dbi_transfers, sizeof(Transfer), "transfers")
         cdef Transfer *block
-        cdef uint64_t i, n, last = 0
-        cdef int rc = mdb_cursor_open(txn, self.dbi_transfers, &cursor)
-        if rc:
-            raise _lmdb_error(rc, "mdb_cursor_open")
-        rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
+        cdef uint64_t i
         try:
-            while rc == 0:
-                if v.mv_size % sizeof(Transfer) or k.mv_size != 8:
-                    raise CorruptionError(f"a transfers block of {v.mv_size} bytes is not whole records")
-                block = <Transfer*>v.mv_data
-                n = v.mv_size // sizeof(Transfer)
-                for i in range(n):
-                    if block[i].timestamp <= last:
-                        raise CorruptionError("transfers log out of order")
-                    last = block[i].timestamp
+            while reader.next_block():
+                block = <Transfer*>reader.records
+                for i in range(reader.count):
+                    reader.check_order(block[i].timestamp)
                     self._replay_transfer(txn, &block[i])
-                rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
         finally:
-            mdb_cursor_close(cursor)
-        if rc != MDB_NOTFOUND:
-            raise _lmdb_error(rc, "reading the transfers log")
-        if last > self.last_timestamp:
-            self.last_timestamp = last
+            reader.close()
+        self.last_timestamp = max(self.last_timestamp, reader.last_timestamp)
 
     cdef void _replay_transfer(self, MDB_txn *txn, Transfer *t) except *:
         """Apply a stored transfer's effect. It was checked when booked; here only the log's integrity is."""
@@ -1549,26 +1571,16 @@ cdef class Core:
     cdef void _replay_events(self, MDB_txn *txn) except *:
         # Events commute with transfers for balances (sums) and hold states (an expiry follows its
         # pending transfer and excludes a post or void), so replaying them after the transfers is exact.
-        cdef MDB_cursor *cursor = NULL
-        cdef MDB_val k, v
+        cdef LogReader reader = LogReader(<size_t>txn, self.dbi_events, sizeof(LogEvent), "events")
         cdef LogEvent *block
-        cdef uint64_t i, n, last = 0
+        cdef uint64_t i
         cdef Slot *s
         cdef Transfer p
-        cdef int rc = mdb_cursor_open(txn, self.dbi_events, &cursor)
-        if rc:
-            raise _lmdb_error(rc, "mdb_cursor_open")
-        rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
         try:
-            while rc == 0:
-                if v.mv_size % sizeof(LogEvent) or k.mv_size != 8:
-                    raise CorruptionError(f"an events block of {v.mv_size} bytes is not whole records")
-                block = <LogEvent*>v.mv_data
-                n = v.mv_size // sizeof(LogEvent)
-                for i in range(n):
-                    if block[i].timestamp <= last:
-                        raise CorruptionError("events log out of order")
-                    last = block[i].timestamp
+            while reader.next_block():
+                block = <LogEvent*>reader.records
+                for i in range(reader.count):
+                    reader.check_order(block[i].timestamp)
                     if block[i].kind == EVENT_EXPIRE:
                         s = idmap_find(&self.transfer_index, block[i].id)
                         if s == NULL or self.load_transfer(txn, s.a, &p) != 0 or s.b != PENDING_STATE_PENDING:
@@ -1580,13 +1592,9 @@ cdef class Core:
                         if s == NULL or block[i].kind < CHANGE_FREEZE or block[i].kind > CHANGE_CLOSE:
                             raise CorruptionError("a logged account change names an unknown account or action")
                         apply_change(&self.accounts[s.a], block[i].kind)
-                rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
         finally:
-            mdb_cursor_close(cursor)
-        if rc != MDB_NOTFOUND:
-            raise _lmdb_error(rc, "reading the events log")
-        if last > self.last_timestamp:
-            self.last_timestamp = last
+            reader.close()
+        self.last_timestamp = max(self.last_timestamp, reader.last_timestamp)
 
     cdef void _check_invariants(self) except *:
         totals = self.totals()
@@ -1734,29 +1742,27 @@ cdef class Core:
     def scan_events(self, uint64_t timestamp_max):
         """Logged account changes and expiries up to a time: a list of (timestamp, kind, id)."""
         cdef MDB_txn *txn = NULL
-        cdef MDB_cursor *cursor = NULL
-        cdef MDB_val k, v
+        cdef LogReader reader
         cdef LogEvent *block
-        cdef uint64_t i, n
-        cdef int rc
-        rows = []
-        rc = mdb_txn_begin(self.env, NULL, MDB_RDONLY, &txn)
+        cdef uint64_t i
+        cdef int rc = mdb_txn_begin(self.env, NULL, MDB_RDONLY, &txn)
         if rc:
             raise _lmdb_error(rc, "mdb_txn_begin")
-        rc = mdb_cursor_open(txn, self.dbi_events, &cursor)
-        if rc:
+        rows = []
+        try:
+            reader = LogReader(<size_t>txn, self.dbi_events, sizeof(LogEvent), "events")
+            try:
+                while reader.next_block():
+                    block = <LogEvent*>reader.records
+                    if block[0].timestamp > timestamp_max:
+                        break
+                    for i in range(reader.count):
+                        if block[i].timestamp <= timestamp_max:
+                            rows.append((block[i].timestamp, block[i].kind, u128_to_py(block[i].id)))
+            finally:
+                reader.close()
+        finally:
             mdb_txn_abort(txn)
-            raise _lmdb_error(rc, "mdb_cursor_open")
-        rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
-        while rc == 0:
-            block = <LogEvent*>v.mv_data
-            n = v.mv_size // sizeof(LogEvent)
-            for i in range(n):
-                if block[i].timestamp <= timestamp_max:
-                    rows.append((block[i].timestamp, block[i].kind, u128_to_py(block[i].id)))
-            rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
-        mdb_cursor_close(cursor)
-        mdb_txn_abort(txn)
         return rows
 
     def stats(self):

@@ -585,3 +585,33 @@ def test_reopen_rebuilds_the_same_state(ledger, tmp_path, clock):
         assert reopened.pending_state(2) == "pending"
         assert book(reopened, t(6, PHARMACY, ALICE, 701, code=C.REFUND, ref_id=3)) == [TR.EXCEEDS_REFUNDABLE_AMOUNT]
         assert book(reopened, contribution(1, ALICE, 5_000)) == [TR.EXISTS]
+
+
+# -- what is read back from disk is checked -----------------------------------------------------------
+
+def _rewrite_last_transfer_block(path, change):
+    import lmdb
+
+    env = lmdb.open(str(path), max_dbs=64)
+    transfers = env.open_db(b"transfers")
+    with env.begin(write=True, db=transfers) as txn:
+        cursor = txn.cursor()
+        cursor.last()
+        key, value = cursor.key(), bytes(cursor.value())
+        txn.put(key, change(value))
+    env.close()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda block: block[:-5], "is not whole records"),
+    (lambda block: block[:16] + (99).to_bytes(16, "little") + block[32:], "unknown account"),
+    (lambda block: block[:128 + 104] + (1).to_bytes(8, "little") + block[128 + 112:], "out of order"),
+])
+def test_a_damaged_log_is_refused_on_open(ledger, tmp_path, clock, change, message):
+    from citycard.core.ledger import CorruptionError
+
+    book(ledger, contribution(1), contribution(2, BOB))
+    ledger.close()
+    _rewrite_last_transfer_block(tmp_path / "ledger", change)
+    with pytest.raises(CorruptionError, match=message):
+        Ledger(tmp_path / "ledger", map_size_bytes=2**26, now_ns=clock)
