@@ -3,14 +3,17 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The independent gRPC client (Node's @grpc/grpc-js) that the tests run: its npm packages, pinned by the lock file.
+NODE_CLIENT := examples/node-client
+NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
 DATA   ?= var
 
-.PHONY: demo test bench lint typecheck compile debug clean install system-deps
+.PHONY: demo test bench lint typecheck compile debug clean install system-deps proto
 
 demo: $(STAMP)
 	$(BIN)/citycard demo --data $(DATA)
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -21,11 +24,19 @@ install: $(STAMP)
 system-deps:
 	@scripts/install-system-deps
 
-$(STAMP): pyproject.toml setup.py core/_ledger.pyx core/_ledger.pxd core/lmdb_api.pxd | system-deps
+$(STAMP): pyproject.toml setup.py core/_ledger.pyx core/_ledger.pxd core/lmdb_api.pxd $(wildcard proto/citycard/v1/*.proto) | system-deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel cython numpy
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel cython numpy grpcio-tools
 	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test]'
 	@touch $(STAMP)
+
+$(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json | system-deps
+	npm ci --prefix $(NODE_CLIENT) --no-audit --no-fund --loglevel=error
+	@touch $(NODE_STAMP)
+
+# Regenerate the gRPC API's Python code (citycard/v1/, git-ignored, do-not-edit) from proto/.
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py --force
 
 # Rebuild the compiled core in place after editing .pyx/.pxd.
 compile: $(STAMP)
@@ -41,4 +52,4 @@ typecheck: $(STAMP)
 	$(BIN)/python -m pip install -q mypy && $(BIN)/mypy core citycard
 
 clean:
-	rm -rf build *.egg-info core/*.so core/_ledger.c core/*.html $(VENV)
+	rm -rf build *.egg-info core/*.so core/_ledger.c core/*.html $(VENV) citycard/v1 $(NODE_CLIENT)/node_modules

@@ -6,12 +6,22 @@ load into a stock CPython without LD_PRELOAD), so gdb and coverage can see the C
 """
 
 import os
+import sys
+from pathlib import Path
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 DEBUG = os.environ.get("CITYCARD_DEBUG") == "1"
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "scripts"))
+
+from gen_proto import generate  # noqa: E402  (scripts/gen_proto.py: proto/ -> citycard/v1/, do-not-edit)
+
+# The gRPC API's Python code is generated from proto/, the only source, on every build (pip install -e .,
+# make proto); it is git-ignored and never edited by hand.
+generate(HERE)
 
 compile_args = ["-O0", "-g", "-Wall"] if DEBUG else ["-O3", "-Wall", "-Wno-unused-function"]
 macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]

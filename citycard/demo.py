@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import tempfile
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,8 +156,12 @@ def _more_acts(data: Path, console: Console) -> bool:
     lifecycle = _optional("citycard.lifecycle_demo")
     if lifecycle is not None:
         console.rule("[bold]Cards and their lifecycle")
-        with tempfile.TemporaryDirectory(prefix="lifecycle-", dir=data) as scratch:
-            lifecycle.run_lifecycle_demo(Path(scratch), console.print)
+        lifecycle.run_lifecycle_demo(_fresh(data / "demo-lifecycle"), console.print)
+    grpc_act = _optional("citycard.grpc_demo")
+    if grpc_act is not None:
+        console.rule("[bold]The gRPC platform: the server, its plugins, and a plugin out of scope")
+        grpc_act.run_grpc_demo(_fresh(data / "demo-grpc"),
+                               lambda line: console.print(line, markup=False, highlight=False))
     card = _optional("citycard.card.demo")
     if card is not None:
         console.rule("[bold]The card itself: a virtual CPU card through real PC/SC")
@@ -172,6 +176,13 @@ def _more_acts(data: Path, console: Console) -> bool:
                           "(or free vpcd's port 35963) and run the demo again.[/]")
             return False
     return True
+
+
+def _fresh(directory: Path) -> Path:
+    """A scratch folder for one act, emptied first: each act starts from nothing and its files stay to look at."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory
 
 
 def _optional(module_name: str):
