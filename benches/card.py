@@ -2,16 +2,22 @@
 
     python -m benches.card [--json] [--purchases N] [--selects N]
 
-Starts a private pcscd with one vpcd entry (2 readers) and two virtual cards in this process:
-one persisting with fdatasync (the default, durable against a power cut), one without
-(atomic against a pulled card or a killed process, not durable against a power cut). Measures, in
-the same run:
+Starts a private pcscd with one vpcd entry (2 readers) and two virtual cards in this process, one
+per persistence mode:
+
+* default: one write() per state-changing command, no fsync (atomic against a pulled card or a
+  killed process, not durable against a power cut of the host);
+* fsync: the same, then fdatasync (`citycard card virtual --fsync`).
+
+Measured in the same run, interleaved in rounds (a block of bare SELECTs, then a block of
+ROUND_PURCHASES purchases on each card) so that both modes and the baseline see the same load on
+a shared machine, while each block still runs the way a terminal serving a queue does:
 
 * select_round_trip: one SELECT through pyscard -> pcscd -> vpcd -> card and back (the transport's limit);
+* purchase, per mode: SELECT + INITIALIZE FOR PURCHASE + DEBIT FOR PURCHASE with the SAM work;
+* state_write, per mode: what a purchase writes (purse data + detail records), alone;
 * sam_crypto: the soft SAM's work in one purchase (MAC1, then the MAC2 check), alone;
-* card_commit: one state write (serialise + append + fdatasync) of the durable card, alone;
-* purchase: SELECT + INITIALIZE FOR PURCHASE + DEBIT FOR PURCHASE with the SAM work, on each card;
-* purchase_in_memory: the same purchase without PC/SC or disk (MemoryTransport, MemoryStore): the
+* purchase_in_memory: the purchase without PC/SC or disk (MemoryTransport, MemoryStore): the
   Python work of card, terminal and SAM alone.
 
 Target: a purchase within 4 bare round trips plus the SAM's crypto (`target_ms`). This is a
@@ -22,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -31,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from citycard.card import (
@@ -52,7 +61,7 @@ from citycard.card import (
 from citycard.card.commands import select_by_name
 from citycard.card.pcscd import wait_for_card, wait_until_empty
 from citycard.card.personalize import SAMPLE_PROFILE
-from citycard.card.purse import PURSE_AID
+from citycard.card.purse import DETAIL_SFI, PURSE_AID
 from citycard.card.sam import PurchaseRequest, SamMacError
 
 SELECTS_DEFAULT = 2_000
@@ -61,6 +70,9 @@ WARMUP = 50
 LOAD_FEN = 100_000
 TERMINAL_ID = bytes.fromhex("330300000099")
 ROUND_TRIPS_ALLOWED = 4
+STATE_WRITES = 200
+ROUND_PURCHASES = 25
+MODES = {"default": False, "fsync": True}  # mode name -> fsync
 
 
 def _stats_ms(samples_s: list[float]) -> dict[str, float]:
@@ -69,12 +81,16 @@ def _stats_ms(samples_s: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(ordered) * 1e3, 4), "p99": round(p99 * 1e3, 4), "n": len(ordered)}
 
 
+def _timed_once(fn: Callable[[], object], samples: list[float]) -> None:
+    started = time.perf_counter()
+    fn()
+    samples.append(time.perf_counter() - started)
+
+
 def _timed(fn: Callable[[], object], count: int) -> list[float]:
-    samples = []
+    samples: list[float] = []
     for _ in range(count):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
+        _timed_once(fn, samples)
     return samples
 
 
@@ -88,31 +104,41 @@ def _machine() -> dict[str, object]:
     }
 
 
+@dataclass
+class _Lane:
+    """One card in one reader, with its terminal and its samples."""
+
+    card: VirtualCard
+    terminal: Terminal
+    purchase_s: list[float] = field(default_factory=list)
+
+
 def _card(workdir: Path, name: str, keys: MasterKeys, *, fsync: bool) -> VirtualCard:
     path = workdir / f"{name}.json"
     FileStore(path).create(personalize(profile_from_json(SAMPLE_PROFILE), keys))
     return VirtualCard.open(path, fsync=fsync)
 
 
-def _purchases(reader: str, keys: MasterKeys, count: int) -> list[float]:
-    terminal = Terminal(CardChannel(PcscTransport(reader)), SoftSam(keys, TERMINAL_ID), host=IssuerHost(keys))
-    try:
-        terminal.verify_pin(SAMPLE_PROFILE["initial_pin"])
-        terminal.load(LOAD_FEN)
-        for _ in range(WARMUP):
-            terminal.purchase(1)
-        return _timed(lambda: terminal.purchase(1), count)
-    finally:
-        terminal.channel.close()
-
-
-def _purchases_in_memory(keys: MasterKeys, count: int) -> list[float]:
-    card = VirtualCard(personalize(profile_from_json(SAMPLE_PROFILE), keys), MemoryStore())
-    terminal = Terminal(CardChannel(MemoryTransport(card)), SoftSam(keys, TERMINAL_ID), host=IssuerHost(keys))
+def _ready_terminal(channel: CardChannel, keys: MasterKeys) -> Terminal:
+    terminal = Terminal(channel, SoftSam(keys, TERMINAL_ID), host=IssuerHost(keys))
     terminal.verify_pin(SAMPLE_PROFILE["initial_pin"])
     terminal.load(LOAD_FEN)
     for _ in range(WARMUP):
         terminal.purchase(1)
+    return terminal
+
+
+def _state_write(card: VirtualCard) -> Callable[[], None]:
+    """What DEBIT FOR PURCHASE persists (the purse data and the detail records), written again."""
+    purse_df = next(df for df in card.image.mf.walk() if df.application == "purse")
+    detail = purse_df.ef_by_sfi(DETAIL_SFI)
+    assert detail is not None
+    return lambda: card.commit(card.purse, detail)
+
+
+def _purchases_in_memory(keys: MasterKeys, count: int) -> list[float]:
+    card = VirtualCard(personalize(profile_from_json(SAMPLE_PROFILE), keys), MemoryStore())
+    terminal = _ready_terminal(CardChannel(MemoryTransport(card)), keys)
     return _timed(lambda: terminal.purchase(1), count)
 
 
@@ -129,69 +155,109 @@ def _sam_crypto(keys: MasterKeys, count: int) -> list[float]:
     return _timed(one, count)
 
 
+def _interleaved(select: Callable[[], object], lanes: dict[str, _Lane], purchases: int,
+                 selects: int) -> list[float]:
+    """Round by round: a share of the bare SELECTs, then a block of purchases on each card."""
+    select_s: list[float] = []
+    rounds = math.ceil(purchases / ROUND_PURCHASES)
+    selects_per_round = math.ceil(selects / rounds)
+    for round_index in range(rounds):
+        for _ in range(min(selects_per_round, selects - len(select_s))):
+            _timed_once(select, select_s)
+        block = min(ROUND_PURCHASES, purchases - round_index * ROUND_PURCHASES)
+        for lane in lanes.values():
+            purchase_one_fen = functools.partial(lane.terminal.purchase, 1)
+            for _ in range(block):
+                _timed_once(purchase_one_fen, lane.purchase_s)
+    return select_s
+
+
 def run(selects: int, purchases: int) -> dict[str, object]:
     keys = MasterKeys.generate()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="citycard-bench-card-") as tmp:
         workdir = Path(tmp)
         with PcscDaemon(workdir / "pcscd", entries=1, name="citycard bench") as daemon:
-            durable_reader, fast_reader = daemon.readers
-            durable = _card(workdir, "durable", keys, fsync=True)
-            fast = _card(workdir, "no-fsync", keys, fsync=False)
-            links = [VpcdLink(durable, durable_reader.port), VpcdLink(fast, fast_reader.port)]
+            cards = {mode: _card(workdir, mode, keys, fsync=fsync) for mode, fsync in MODES.items()}
+            links = [VpcdLink(card, reader.port) for card, reader in zip(cards.values(), daemon.readers)]
+            lanes: dict[str, _Lane] = {}
+            select_transport: PcscTransport | None = None
             try:
                 for link, reader in zip(links, daemon.readers):
                     link.insert()
                     wait_for_card(reader.name)
-                transport = PcscTransport(durable_reader.name)
-                select = select_by_name(PURSE_AID).raw
-                try:
-                    for _ in range(WARMUP):
-                        transport.transmit(select)
-                    select_s = _timed(lambda: transport.transmit(select), selects)
-                finally:
-                    transport.close()
-                purchase_s = _purchases(durable_reader.name, keys, purchases)
-                purchase_fast_s = _purchases(fast_reader.name, keys, purchases)
-                commit_s = _timed(durable.commit, min(purchases, 200))
-                sam_s = _sam_crypto(keys, purchases)
-                in_memory_s = _purchases_in_memory(keys, purchases)
+                for (mode, card), reader in zip(cards.items(), daemon.readers):
+                    lanes[mode] = _Lane(card, _ready_terminal(CardChannel(PcscTransport(reader.name)), keys))
+                select_transport = PcscTransport(daemon.readers[0].name)
+                select_apdu = select_by_name(PURSE_AID).raw
+                for _ in range(WARMUP):
+                    select_transport.transmit(select_apdu)
+                select_one = functools.partial(select_transport.transmit, select_apdu)
+                select_s = _interleaved(select_one, lanes, purchases, selects)
             finally:
+                if select_transport is not None:
+                    select_transport.close()
+                for lane in lanes.values():
+                    lane.terminal.channel.close()
                 for link in links:
                     link.remove()
                 for reader in daemon.readers:
                     wait_until_empty(reader.name)
+            write_s = {mode: _timed(_state_write(card), STATE_WRITES) for mode, card in cards.items()}
+    sam_s = _sam_crypto(keys, purchases)
+    in_memory_s = _purchases_in_memory(keys, purchases)
     select_ms, sam_ms = _stats_ms(select_s), _stats_ms(sam_s)
-    purchase_ms, fast_ms = _stats_ms(purchase_s), _stats_ms(purchase_fast_s)
     target_ms = ROUND_TRIPS_ALLOWED * select_ms["median"] + sam_ms["median"]
+    modes: dict[str, object] = {}
+    for mode, lane in lanes.items():
+        purchase_ms = _stats_ms(lane.purchase_s)
+        modes[mode] = {
+            "fsync": MODES[mode],
+            "purchase_ms": purchase_ms,
+            "state_write_ms": _stats_ms(write_s[mode]),
+            "ratio_purchase_to_select": round(purchase_ms["median"] / select_ms["median"], 2),
+            "ratio_purchase_to_target": round(purchase_ms["median"] / target_ms, 2),
+            "within_target": purchase_ms["median"] <= target_ms,
+        }
     return {
         "benchmark": "card purchase through pcscd + vpcd",
         "machine": _machine(),
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "select_round_trip_ms": select_ms,
         "sam_crypto_ms": sam_ms,
-        "card_commit_ms": _stats_ms(commit_s),
-        "purchase_ms": purchase_ms,
-        "purchase_no_fsync_ms": fast_ms,
         "purchase_in_memory_ms": _stats_ms(in_memory_s),
-        "ratio_purchase_to_select": round(purchase_ms["median"] / select_ms["median"], 2),
-        "ratio_purchase_no_fsync_to_select": round(fast_ms["median"] / select_ms["median"], 2),
         "target_ms": round(target_ms, 4),
-        "purchase_within_target": purchase_ms["median"] <= target_ms,
-        "purchase_no_fsync_within_target": fast_ms["median"] <= target_ms,
+        "modes": modes,
     }
 
 
 def _table(result: dict[str, object]) -> str:
-    rows = [("select round trip (transport limit)", result["select_round_trip_ms"]),
-            ("SAM crypto per purchase", result["sam_crypto_ms"]),
-            ("card state commit (fdatasync)", result["card_commit_ms"]),
-            ("purchase, durable card (fdatasync)", result["purchase_ms"]),
-            ("purchase, card without fsync", result["purchase_no_fsync_ms"]),
-            ("purchase in memory (no PC/SC, no disk)", result["purchase_in_memory_ms"])]
-    lines = [f"{'':38} {'median ms':>10} {'p99 ms':>10}"]
-    lines += [f"{name:38} {s['median']:>10.3f} {s['p99']:>10.3f}" for name, s in rows]  # type: ignore[index]
-    lines.append(f"purchase / select: {result['ratio_purchase_to_select']}x (durable), "
-                 f"{result['ratio_purchase_no_fsync_to_select']}x (no fsync); "
-                 f"target {result['target_ms']:.3f} ms = {ROUND_TRIPS_ALLOWED} round trips + SAM")
+    modes: dict[str, dict[str, object]] = result["modes"]  # type: ignore[assignment]
+    width = 36
+    lines = [f"{'':{width}}" + "".join(f"{name + (' (--fsync)' if m['fsync'] else ' (no fsync)'):>24}"
+                                       for name, m in modes.items()),
+             f"{'':{width}}" + f"{'median ms':>12}{'p99 ms':>12}" * len(modes)]
+
+    def row(label: str, key: str) -> str:
+        stats: list[dict[str, float]] = [m[key] for m in modes.values()]  # type: ignore[misc]
+        return f"{label:{width}}" + "".join(f"{s['median']:>12.3f}{s['p99']:>12.3f}" for s in stats)
+
+    lines.append(row("purchase (SELECT, INIT, DEBIT, SAM)", "purchase_ms"))
+    lines.append(row("state write of a purchase", "state_write_ms"))
+    lines.append(f"{'purchase / SELECT':{width}}" + "".join(f"{str(m['ratio_purchase_to_select']) + 'x':>24}"
+                                                            for m in modes.values()))
+    lines.append(f"{'purchase / target':{width}}" + "".join(f"{str(m['ratio_purchase_to_target']) + 'x':>24}"
+                                                            for m in modes.values()))
+    lines.append(f"{'within target':{width}}" + "".join(f"{'yes' if m['within_target'] else 'no':>24}"
+                                                        for m in modes.values()))
+    lines.append("")
+    for label, key in (("select round trip (transport limit)", "select_round_trip_ms"),
+                       ("SAM crypto per purchase", "sam_crypto_ms"),
+                       ("purchase in memory (no PC/SC, no disk)", "purchase_in_memory_ms")):
+        s: dict[str, float] = result[key]  # type: ignore[assignment]
+        lines.append(f"{label:{width}}{s['median']:>12.3f}{s['p99']:>12.3f}")
+    lines.append(f"target {result['target_ms']:.3f} ms = {ROUND_TRIPS_ALLOWED} round trips + SAM crypto; "
+                 f"load average {json.dumps(result['load_average_1min'])}")
     lines.append(f"machine: {json.dumps(result['machine'])}")
     return "\n".join(lines)
 
@@ -200,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.card", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--selects", type=int, default=SELECTS_DEFAULT)
-    parser.add_argument("--purchases", type=int, default=PURCHASES_DEFAULT)
+    parser.add_argument("--purchases", type=int, default=PURCHASES_DEFAULT, help="per mode")
     args = parser.parse_args(argv)
     if not (1 <= args.selects <= 100_000 and 1 <= args.purchases <= 20_000):
         parser.error("--selects 1..100000, --purchases 1..20000 (the purse counter is 16 bits)")

@@ -99,9 +99,8 @@ def encode_command(
     cla: int, ins: int, p1: int, p2: int, data: bytes = b"", ne: int | None = None, *, extended: bool = False
 ) -> bytes:
     """Encode a command APDU. Extended encoding is used when asked for or when the lengths need it."""
-    for name, value in (("CLA", cla), ("INS", ins), ("P1", p1), ("P2", p2)):
-        if not 0 <= value <= 0xFF:
-            raise ValueError(f"{name} must be one byte")
+    if not (0 <= cla <= 0xFF and 0 <= ins <= 0xFF and 0 <= p1 <= 0xFF and 0 <= p2 <= 0xFF):
+        raise ValueError("CLA, INS, P1 and P2 are one byte each")
     nc = len(data)
     if nc > EXTENDED_NC_MAX:
         raise ValueError(f"command data of {nc} bytes exceeds {EXTENDED_NC_MAX}")

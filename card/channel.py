@@ -67,9 +67,11 @@ class CardChannel:
 
     def send(self, apdu: Apdu) -> Response:
         """Transmit and check: return data and SW on success, raise StatusWordError otherwise."""
-        started = time.perf_counter()
-        raw = self.transport.transmit(apdu.raw)
-        if self.observers:
+        if not self.observers:  # the common case: no trace, so no clock and no event either
+            raw = self.transport.transmit(apdu.raw)
+        else:
+            started = time.perf_counter()
+            raw = self.transport.transmit(apdu.raw)
             event = ApduEvent(apdu.name, apdu.shown(), raw, time.perf_counter() - started)
             for observer in self.observers:
                 observer(event)

@@ -1,6 +1,6 @@
 """`citycard card virtual`: insert a virtual card into a running pcscd through vpcd.
 
-    citycard card virtual --state FILE [--reader-port PORT]
+    citycard card virtual --state FILE [--reader-port PORT] [--fsync]
     citycard card virtual --state FILE --new --keys KEYS.json [--profile-json PROFILE.json] [--create-only]
 
 The card stays inserted until SIGINT or SIGTERM, then is removed (the TCP connection to vpcd
@@ -63,9 +63,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--keys", type=Path, metavar="JSON",
                    help=f"with --new: issuer master key file (default: ${KEY_FILE_ENV})")
     p.add_argument("--create-only", action="store_true", help="with --new: write the card and exit")
-    p.add_argument("--no-fsync", action="store_true",
-                   help="atomic replace without fsync: safe against a pulled card, not against a power cut")
-    p.set_defaults(handler=run_virtual)
+    durability = p.add_mutually_exclusive_group()
+    durability.add_argument("--fsync", dest="fsync", action="store_true",
+                            help="fdatasync every state-changing command: also survives a power cut of the host "
+                                 "(~0.3 ms or more per command)")
+    durability.add_argument("--no-fsync", dest="fsync", action="store_false",
+                            help="the default: one atomic write per command, safe against a pulled card or a "
+                                 "killed process, not against a power cut of the host")
+    p.set_defaults(handler=run_virtual, fsync=False)
 
 
 def _create(args: argparse.Namespace) -> None:
@@ -90,7 +95,7 @@ def run_virtual(args: argparse.Namespace) -> int:
         elif args.create_only:
             print("--create-only needs --new", file=sys.stderr)
             return EXIT_BAD_INPUT
-        card = VirtualCard.open(args.state, fsync=not args.no_fsync)
+        card = VirtualCard.open(args.state, fsync=args.fsync)
     except (CardStateError, KeyFileError, HolderDataError) as exc:
         print(f"citycard card virtual: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

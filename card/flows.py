@@ -43,6 +43,7 @@ __all__ = [
 CITY_ZONE = ZoneInfo("Asia/Shanghai")
 PURCHASE_KEY_INDEX = 0x01
 LOAD_KEY_INDEX = 0x01
+SELECT_PURSE = cmd.select_by_name(PURSE_AID, "SELECT ED/EP")  # the same bytes for every card
 
 
 def _city_now() -> dt.datetime:
@@ -181,7 +182,7 @@ class Terminal:
     # -- purse ------------------------------------------------------------------------------------------
 
     def select_purse(self) -> PublicData:
-        fci = self.channel.send(cmd.select_by_name(PURSE_AID, "SELECT ED/EP")).data
+        fci = self.channel.send(SELECT_PURSE).data
         self._public = cmd.parse_fci_public_data(fci)
         return self._public
 
@@ -222,15 +223,16 @@ class Terminal:
         auth = self.sam.init_for_purchase(PurchaseRequest(
             init.card_random, init.offline_counter, amount_fen, tx_type, date_time, init.key_version,
             init.algorithm, public.app_serial))
-        pending = PendingPurchase(public.app_serial, purse, tx_type, amount_fen, init.balance_fen,
-                                  init.offline_counter, self.sam.terminal_id, auth.terminal_seq, date_time)
         try:
             answer = self.channel.send(cmd.debit_for_purchase(auth.terminal_seq, date_time, auth.mac1)).data
         except TransportError as exc:
+            pending = PendingPurchase(public.app_serial, purse, tx_type, amount_fen, init.balance_fen,
+                                      init.offline_counter, self.sam.terminal_id, auth.terminal_seq, date_time)
             raise PurchaseInterrupted(pending, exc) from exc
         tac, mac2 = answer[0:4], answer[4:8]
         self.sam.check_mac2(mac2)
-        return self._receipt(pending, mac2, tac)
+        return PurchaseReceipt(public.app_serial, purse, tx_type, amount_fen, init.balance_fen,
+                               init.offline_counter, self.sam.terminal_id, auth.terminal_seq, date_time, mac2, tac)
 
     @staticmethod
     def _receipt(p: PendingPurchase, mac2: bytes, tac: bytes) -> PurchaseReceipt:

@@ -160,15 +160,17 @@ class ElementaryFile:
             "update": str(self.update),
         }
         if self.is_record_file:
-            out.update(
-                record_bytes=self.record_bytes,
-                records_max=self.records_max,
-                tlv=self.tlv,
-                records=[r.hex() for r in self.records],
-            )
-        else:
-            out["data"] = self.data.hex()
+            out.update(record_bytes=self.record_bytes, records_max=self.records_max, tlv=self.tlv)
+        name, content = self.content_to_json()
+        out[name] = content
         return out
+
+    def content_to_json(self) -> tuple[str, Any]:
+        """What commands can change in this file, and its name in to_json(): the records or the data.
+        Everything else about a file is fixed when the card is personalised."""
+        if self.is_record_file:
+            return "records", [r.hex() for r in self.records]
+        return "data", self.data.hex()
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ElementaryFile:

@@ -1,7 +1,8 @@
 """ISO 7816-4 file commands on the chip: SELECT, READ/UPDATE BINARY, READ/UPDATE/APPEND RECORD.
 
 Each handler resolves its target and checks every condition first; only then does it change the
-selection or a file, and a file change is persisted by `card.commit()` before the answer leaves.
+selection or a file, and a file change is persisted by `card.commit(ef)` before the answer leaves.
+Commands that only read (SELECT, READ BINARY, READ RECORD) never write.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def update_binary(card: VirtualCard, command: Command, pending: object) -> bytes
     reply = respond(command)
     ef.update_binary(offset, command.data)
     card.current_ef = ef
-    card.commit()
+    card.commit(ef)
     return reply
 
 
@@ -250,7 +251,7 @@ def update_record(card: VirtualCard, command: Command, pending: object) -> bytes
     reply = respond(command)
     ef.update_record(number, command.data)
     card.current_ef = ef
-    card.commit()
+    card.commit(ef)
     return reply
 
 
@@ -267,7 +268,7 @@ def append_record(card: VirtualCard, command: Command, pending: object) -> bytes
     reply = respond(command)
     ef.append_record(command.data)
     card.current_ef = ef
-    card.commit()
+    card.commit(ef)
     return reply
 
 

@@ -10,7 +10,7 @@ An INITIALIZE leaves a session in the card's one-shot `pending` slot; the COS em
 before every command, so a DEBIT or CREDIT that does not immediately follow its INITIALIZE finds
 nothing and gets 69 85, and a failed MAC burns the session. Every check runs before the first
 mutation; the mutations of one transaction (balance, counter, detail record, CAPP record, proof)
-are persisted by one `card.commit()`.
+are persisted by one `card.commit(...)` naming the purse data and the files it changed.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .apdu import Command, respond
-from .crypto import macs_equal, pboc_mac, session_key, tac_key
+from .crypto import DesCipher, macs_equal, tac_key
 from .fs import ElementaryFile
-from .keys import CardKey, KeyUsage
+from .keys import KeyUsage
 from .sw import SW, Refusal
 
 if TYPE_CHECKING:
     from .cos import VirtualCard
+    from .state import Part
 
 __all__ = [
     "AMOUNT_FEN_MAX",
@@ -170,8 +171,8 @@ class LoadSession:
     terminal_id: bytes
     counter: int
     old_balance_fen: int
-    session_key: bytes = field(repr=False)
-    tac_key: bytes = field(repr=False)
+    session: DesCipher = field(repr=False)  # the load session key
+    tac: DesCipher = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +184,8 @@ class PurchaseSession:
     counter: int
     balance_fen: int
     card_random: bytes
-    purchase_key: CardKey = field(repr=False)
-    tac_key: bytes = field(repr=False)
+    purchase_key: DesCipher = field(repr=False)  # the card's DPK; the session key comes at DEBIT
+    tac: DesCipher = field(repr=False)
     capp_write: tuple[ElementaryFile, int, bytes] | None = None  # (file, record number, record)
 
 
@@ -205,9 +206,8 @@ def _exact_data(command: Command, length: int) -> bytes:
 
 def _require_bcd(field_bytes: bytes) -> None:
     """Dates and times travel as BCD; a non-decimal nibble is wrong data, whatever the MAC says."""
-    for byte in field_bytes:
-        if byte >> 4 > 9 or byte & 0x0F > 9:
-            raise Refusal(SW.WRONG_DATA)
+    if not field_bytes.hex().isdigit():  # BCD bytes are exactly those whose hex digits are all decimal
+        raise Refusal(SW.WRONG_DATA)
 
 
 def _u32(value: int) -> bytes:
@@ -218,11 +218,11 @@ def _u16(value: int) -> bytes:
     return value.to_bytes(2, "big")
 
 
-def _tac_key_of(card: VirtualCard) -> bytes:
+def _tac_cipher_of(card: VirtualCard) -> DesCipher:
     tac_keys = card.current_df.keys_of(KeyUsage.TAC)
     if not tac_keys:
         raise Refusal(SW.KEY_NOT_FOUND)
-    return tac_key(tac_keys[0].value.reveal())
+    return card.cipher(tac_key(tac_keys[0].value.reveal()))
 
 
 def _detail_file(card: VirtualCard) -> ElementaryFile:
@@ -291,15 +291,16 @@ def _initialize_for_load(card: VirtualCard, command: Command) -> bytes:
     if amount_fen == 0 or balance + amount_fen > state.balance_max_fen:
         raise Refusal(SW.WRONG_DATA)
     tx_type = TxType.load(purse)
-    dtk = _tac_key_of(card)
+    tac = _tac_cipher_of(card)
     card_random = card.random(4)
-    sk = session_key(load_key.value.reveal(), card_random + _u16(counter) + b"\x80\x00")
-    mac1 = pboc_mac(sk, _u32(balance) + _u32(amount_fen) + bytes((tx_type,)) + terminal_id)
+    session_key = card.cipher(load_key.value.reveal()).session_key(card_random + _u16(counter) + b"\x80\x00")
+    session = DesCipher(session_key)
+    mac1 = session.mac(_u32(balance) + _u32(amount_fen) + bytes((tx_type,)) + terminal_id)
     response = (
         _u32(balance) + _u16(counter) + bytes((load_key.version, load_key.algorithm)) + card_random + mac1
     )
     reply = respond(command, response)
-    card.pending = LoadSession(purse, tx_type, amount_fen, bytes(terminal_id), counter, balance, sk, dtk)
+    card.pending = LoadSession(purse, tx_type, amount_fen, bytes(terminal_id), counter, balance, session, tac)
     return reply
 
 
@@ -319,7 +320,7 @@ def _initialize_for_purchase(card: VirtualCard, command: Command, tx_type: int) 
     balance = state.balances[purse]
     if amount_fen > balance:
         raise Refusal(SW.INSUFFICIENT_BALANCE)
-    dtk = _tac_key_of(card)
+    tac = _tac_cipher_of(card)
     card_random = card.random(4)
     response = (
         _u32(balance)
@@ -330,7 +331,8 @@ def _initialize_for_purchase(card: VirtualCard, command: Command, tx_type: int) 
     )
     reply = respond(command, response)
     card.pending = PurchaseSession(
-        purse, tx_type, amount_fen, bytes(terminal_id), counter, balance, card_random, purchase_key, dtk
+        purse, tx_type, amount_fen, bytes(terminal_id), counter, balance, card_random,
+        card.cipher(purchase_key.value.reveal()), tac,
     )
     return reply
 
@@ -348,14 +350,14 @@ def credit_for_load(card: VirtualCard, command: Command, pending: object) -> byt
     _require_bcd(date_time)
     s = pending
     mac2_input = _u32(s.amount_fen) + bytes((s.tx_type,)) + s.terminal_id + date_time
-    if not macs_equal(pboc_mac(s.session_key, mac2_input), mac2):
+    if not macs_equal(s.session.mac(mac2_input), mac2):
         raise Refusal(SW.MAC_INVALID)
     state = card.purse
     if state.balances[s.purse] != s.old_balance_fen or state.online_counters[s.purse] != s.counter:
         raise Refusal(SW.CONDITIONS_OF_USE)  # cannot happen: nothing runs between INIT and CREDIT
     new_balance = s.old_balance_fen + s.amount_fen
     # TAC over the counter *before* the increment (§2.4: HED test script, fmcos-python).
-    tac = pboc_mac(s.tac_key, _u32(new_balance) + _u16(s.counter) + mac2_input)
+    tac = s.tac.mac(_u32(new_balance) + _u16(s.counter) + mac2_input)
     record = _detail_record(s.counter, state.overdraft_fen, s.amount_fen, s.tx_type, s.terminal_id, date_time)
     reply = respond(command, tac)
     detail = _detail_file(card)
@@ -365,7 +367,7 @@ def credit_for_load(card: VirtualCard, command: Command, pending: object) -> byt
     state.online_counters[s.purse] = s.counter + 1
     detail.append_record(record)
     state.keep_proof(Proof(s.tx_type, s.counter + 1, bytes(mac2), tac))
-    card.commit()
+    card.commit(state, detail)
     return reply
 
 
@@ -383,15 +385,15 @@ def debit_for_purchase(card: VirtualCard, command: Command, pending: object) -> 
     terminal_seq, date_time, mac1 = data[0:4], data[4:11], data[11:15]
     _require_bcd(date_time)
     s = pending
-    sk = session_key(s.purchase_key.value.reveal(), s.card_random + _u16(s.counter) + terminal_seq[2:4])
+    session = DesCipher(s.purchase_key.session_key(s.card_random + _u16(s.counter) + terminal_seq[2:4]))
     mac1_input = _u32(s.amount_fen) + bytes((s.tx_type,)) + s.terminal_id + date_time
-    if not macs_equal(pboc_mac(sk, mac1_input), mac1):
+    if not macs_equal(session.mac(mac1_input), mac1):
         raise Refusal(SW.MAC_INVALID)
     state = card.purse
     if state.balances[s.purse] != s.balance_fen or state.offline_counters[s.purse] != s.counter:
         raise Refusal(SW.CONDITIONS_OF_USE)  # cannot happen: nothing runs between INIT and DEBIT
-    tac = pboc_mac(s.tac_key, _u32(s.amount_fen) + bytes((s.tx_type,)) + s.terminal_id + terminal_seq + date_time)
-    mac2 = pboc_mac(sk, _u32(s.amount_fen))
+    tac = s.tac.mac(_u32(s.amount_fen) + bytes((s.tx_type,)) + s.terminal_id + terminal_seq + date_time)
+    mac2 = session.mac(_u32(s.amount_fen))
     record = _detail_record(s.counter, state.overdraft_fen, s.amount_fen, s.tx_type, s.terminal_id, date_time)
     reply = respond(command, tac + mac2)
     detail = _detail_file(card)
@@ -401,13 +403,15 @@ def debit_for_purchase(card: VirtualCard, command: Command, pending: object) -> 
         capp_file.record(number)
         capp_file.check_record(capp_record)
 
+    changed: list[Part] = [state, detail]
     state.balances[s.purse] = s.balance_fen - s.amount_fen
     state.offline_counters[s.purse] = s.counter + 1
     detail.append_record(record)
     if s.capp_write is not None:
         capp_file.update_record(number, capp_record)
+        changed.append(capp_file)
     state.keep_proof(Proof(s.tx_type, s.counter + 1, mac2, tac))
-    card.commit()
+    card.commit(*changed)
     return reply
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from .apdu import Command, respond
 from .crypto import BLOCK_BYTES, MAC_BYTES, macs_equal, pboc_mac, tac_key, tdes_encrypt
-from .keys import KeyUsage
-from .state import PIN_BYTES_MAX, PIN_BYTES_MIN, is_valid_pin
+from .keys import CardKey, KeyUsage
+from .state import PIN_BYTES_MAX, PIN_BYTES_MIN, PinState, is_valid_pin
 from .sw import SW, Refusal
 
 if TYPE_CHECKING:
@@ -37,21 +37,18 @@ class Challenge:
     value: bytes
 
 
-class _Counted(Protocol):
-    tries_max: int
-    tries_left: int
-
-
-def _attempt(card: VirtualCard, counted: _Counted, matches: bool, then: Callable[[], None] | None = None) -> None:
-    """Spend a try, persist, then judge; a match gives every try back (and runs `then` in the same write)."""
+def _attempt(card: VirtualCard, counted: PinState | CardKey, matches: bool,
+             then: Callable[[], None] | None = None) -> None:
+    """Spend a try, persist, then judge; a match gives every try back (and runs `then`, which may
+    change only `counted`, in the same write)."""
     counted.tries_left -= 1
-    card.commit()
+    card.commit(counted)
     if not matches:
         raise Refusal(SW.tries_left(counted.tries_left))
     counted.tries_left = counted.tries_max
     if then is not None:
         then()
-    card.commit()
+    card.commit(counted)
 
 
 # -- VERIFY -------------------------------------------------------------------------------------
@@ -133,7 +130,7 @@ def _reload_pin(card: VirtualCard, command: Command) -> bytes:
     pin.value = bytes(new)
     pin.tries_left = pin.tries_max
     card.pin_verified = False
-    card.commit()
+    card.commit(pin)
     return reply
 
 

@@ -2,10 +2,11 @@
 
 `CardImage` is everything that survives a power cut: the file tree with its keys, the PIN and
 its retry counter, the purse's balances, counters and proofs, serialised as one JSON document.
-`FileStore` keeps a journal of such documents, one checksummed line per command: a card pulled
-(or a process killed) at any instant leaves either the state before the command or the state
-after it, never a mix (see FileStore). Reading treats the file as untrusted input: checksums,
-then every size and range (`CardStateError` names what is wrong).
+A store keeps a journal of checksummed JSON lines: first a whole image, then one line per
+state-changing command holding the new value of each part the command changed (see FileStore).
+A card pulled (or a process killed) at any instant leaves either the state before the command or
+the state after it, never a mix. Reading treats the journal as untrusted input: checksums, then
+every size and range of the state it yields (`CardStateError` names what is wrong).
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import json
 import os
 import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .fs import MF_FID, DedicatedFile
+from .fs import MF_FID, DedicatedFile, ElementaryFile
+from .keys import CardKey
 from .purse import PurseData
 
 __all__ = [
+    "JOURNAL_COMPACT_BYTES",
     "PIN_BYTES_MAX",
     "PIN_BYTES_MIN",
     "STATE_FORMAT",
@@ -29,8 +33,10 @@ __all__ = [
     "CardStateError",
     "FileStore",
     "MemoryStore",
+    "Part",
     "PinState",
     "StateStore",
+    "apply_changes",
     "is_valid_pin",
     "pin_from_digits",
 ]
@@ -41,8 +47,13 @@ PIN_BYTES_MAX = 6
 PIN_TRIES_MAX = 15  # what a 63 Cx nibble can report
 STATE_BYTES_MAX = 4 * 1024 * 1024
 TEMP_SUFFIX = ".tmp"
-JOURNAL_COMPACT_BYTES = 64 * 1024  # past this, the journal is rewritten as its newest record
+# Past this, the journal is rewritten as one whole image. A purchase adds about 0.95 KB, so this is
+# one rewrite per ~1,100 purchases (rare enough to stay out of the p99) and ~20 ms of replay when
+# a card with a full journal is opened.
+JOURNAL_COMPACT_BYTES = 1024 * 1024
+JOURNAL_BYTES_MAX = JOURNAL_COMPACT_BYTES + STATE_BYTES_MAX  # a journal due for compaction, plus one record
 CRC_FIELD_BYTES = 9  # 8 hex digits and a space
+REPLACE = "replace"  # the one key of a change record
 # One compact encoder for every commit: key order is fixed by to_json itself (no sort_keys), the tree
 # has no cycles (no check_circular), and ensure_ascii keeps every record on one line.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False, ensure_ascii=True)
@@ -89,11 +100,17 @@ class PinState:
         return pin
 
 
+# The parts of an image a command can change (CardImage.change says what of each is recorded).
+Part = PinState | PurseData | ElementaryFile | CardKey
+
+
 @dataclass(slots=True, eq=False)
 class CardImage:
     mf: DedicatedFile
     pin: PinState
     purse: PurseData | None = None
+    # id(part) -> (part, its JSON pointer); rebuilt whenever a part is not found in it
+    _pointers: dict[int, tuple[object, str]] = field(default_factory=dict, init=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,14 +123,46 @@ class CardImage:
     def to_bytes(self) -> bytes:
         return _ENCODER.encode(self.to_json()).encode("ascii")
 
+    def change(self, part: Part) -> tuple[str, Any]:
+        """How a change of `part` is recorded: a JSON pointer (RFC 6901) into this image's JSON
+        document, and the new value to put there.
+
+        Only what commands can change is recorded: an EF's records or data, a key's error counter,
+        the PIN and the purse data whole. The file tree never changes shape after personalisation
+        (the COS has no CREATE or DELETE FILE), so a pointer stays valid for the life of the card.
+        """
+        pointer = self._pointer(part)
+        if isinstance(part, ElementaryFile):
+            name, content = part.content_to_json()
+            return f"{pointer}/{name}", content
+        if isinstance(part, CardKey):
+            return f"{pointer}/tries_left", part.tries_left
+        return pointer, part.to_json()
+
+    def _pointer(self, part: Part) -> str:
+        entry = self._pointers.get(id(part))
+        if entry is None or entry[0] is not part:
+            self._pointers = {id(p): (p, pointer) for pointer, p in self._parts()}
+            entry = self._pointers.get(id(part))
+            if entry is None or entry[0] is not part:
+                raise ValueError(f"this {type(part).__name__} is not a part of the card image")
+        return entry[1]
+
+    def _parts(self) -> Iterator[tuple[str, object]]:
+        yield "/pin", self.pin
+        if self.purse is not None:
+            yield "/purse", self.purse
+        yield from _df_parts(self.mf, "/mf")
+
     @classmethod
     def from_bytes(cls, raw: bytes, source: str = "card state") -> CardImage:
         if len(raw) > STATE_BYTES_MAX:
             raise CardStateError(f"{source}: larger than {STATE_BYTES_MAX} bytes")
-        try:
-            obj = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CardStateError(f"{source}: not JSON ({exc.msg if hasattr(exc, 'msg') else 'bad bytes'})") from None
+        return cls.from_json(_json_object(raw, source), source)
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str = "card state") -> CardImage:
+        """Check every part of an untrusted document and build the image; nothing of `obj` is kept."""
         if not isinstance(obj, dict) or obj.get("format") != STATE_FORMAT:
             raise CardStateError(f"{source}: 'format' must be {STATE_FORMAT!r}")
         part = "mf"
@@ -135,49 +184,154 @@ class CardImage:
         return cls(mf, pin, purse)
 
 
+def _df_parts(df: DedicatedFile, pointer: str) -> Iterator[tuple[str, object]]:
+    for index, ef in enumerate(df.efs):
+        yield f"{pointer}/efs/{index}", ef
+    for index, key in enumerate(df.keys):
+        yield f"{pointer}/keys/{index}", key
+    for index, child in enumerate(df.dfs):
+        yield from _df_parts(child, f"{pointer}/dfs/{index}")
+
+
+def apply_changes(doc: dict[str, Any], changes: dict[str, Any]) -> None:
+    """Replace, in an image's JSON document, the value at each pointer by the new one.
+
+    This is JSON Patch's "replace" (RFC 6902): the pointer must name a value that exists; nothing
+    is ever added or removed. The values are not checked here: the document they make is, as a
+    whole, by CardImage.from_json. Raises ValueError for a pointer that names nothing.
+    """
+    for pointer, value in changes.items():
+        if not isinstance(pointer, str) or not pointer.startswith("/"):
+            raise ValueError("a change must be addressed by a JSON pointer")
+        *path, last = pointer[1:].split("/")
+        node: Any = doc
+        for token in path:
+            node = _child(node, token, pointer)
+        _child(node, last, pointer)  # must exist: replace, never add
+        node[int(last) if isinstance(node, list) else last] = value
+
+
+def _child(node: Any, token: str, pointer: str) -> Any:
+    if isinstance(node, dict) and token in node:
+        return node[token]
+    if isinstance(node, list) and token.isdigit() and int(token) < len(node):
+        return node[int(token)]
+    raise ValueError(f"change at {pointer!r} names no part of the card")
+
+
+def _json_object(raw: bytes, source: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CardStateError(f"{source}: not JSON ({exc.msg if hasattr(exc, 'msg') else 'bad bytes'})") from None
+
+
+# -- the journal -------------------------------------------------------------------------------------
+
+
+def _record(payload: bytes) -> bytes:
+    """One journal line: crc32 (8 hex) SP payload LF."""
+    if b"\n" in payload:
+        raise ValueError("a journal record must be a single line")
+    return b"%08x " % zlib.crc32(payload) + payload + b"\n"
+
+
+def _change_record(changes: dict[str, Any]) -> bytes:
+    return _record(_ENCODER.encode({REPLACE: changes}).encode("ascii"))
+
+
+def _replay(raw: bytes, source: str) -> tuple[dict[str, Any], int]:
+    """The state a journal holds, as a JSON document, and the number of bytes that hold whole records.
+
+    The state is the last whole image with every later change record applied in order. Only the
+    last line may be bad (torn by a pull or a crash: no newline, or a checksum that fails); a bad
+    line with whole records after it is corruption, not tearing, and is refused.
+    """
+    doc: dict[str, Any] | None = None
+    position = 0
+    while position < len(raw):
+        newline = raw.find(b"\n", position)
+        if newline < 0:
+            break  # torn: the last record never got its newline
+        line = raw[position:newline]
+        if not _record_ok(line):
+            if raw[newline + 1 :].strip(b"\0"):
+                raise CardStateError(f"{source}: damaged record at byte {position} with records after it")
+            break
+        record = _json_object(line[CRC_FIELD_BYTES:], f"{source}: record at byte {position}")
+        if not isinstance(record, dict):
+            raise CardStateError(f"{source}: record at byte {position} is neither an image nor changes")
+        if REPLACE in record:
+            if doc is None:
+                raise CardStateError(f"{source}: changes at byte {position} before any whole card state")
+            try:
+                apply_changes(doc, record[REPLACE])
+            except (ValueError, AttributeError) as exc:
+                raise CardStateError(f"{source}: record at byte {position}: {exc}") from None
+        else:
+            doc = record  # a whole image (personalisation or compaction): everything before is history
+        position = newline + 1
+    if doc is None:
+        raise CardStateError(f"{source}: no whole card state record")
+    return doc, position
+
+
+def _record_ok(line: bytes) -> bool:
+    if len(line) <= CRC_FIELD_BYTES or line[CRC_FIELD_BYTES - 1 : CRC_FIELD_BYTES] != b" ":
+        return False
+    try:
+        crc = int(line[: CRC_FIELD_BYTES - 1], 16)
+    except ValueError:
+        return False
+    return crc == zlib.crc32(line[CRC_FIELD_BYTES:])
+
+
 class StateStore(Protocol):
-    def save(self, data: bytes) -> None:
-        """Persist the whole image atomically, or raise and leave the previous one in place."""
+    def save(self, changes: dict[str, Any], image: CardImage) -> None:
+        """Persist `changes` (JSON pointer -> new value there, see CardImage.change) in one atomic step,
+        or raise and leave the previous state in place. `image` already holds the changes; a store
+        writes it whole when it starts or compacts its journal."""
 
 
 class FileStore:
-    """A card state file: a journal of whole-image records, one JSON line each, newest last.
+    """A card state file: a journal of checksummed JSON lines, one write() per state-changing command.
 
-    Each `save` appends one record, `crc32 (8 hex) SP json LF`, in one write() (then fdatasync
-    when `fsync` is on). A record is the whole image, so a record that is complete and checks out
-    is a whole state; a card pulled or a process killed mid-write leaves a torn last line, which
-    reading ignores (the state before the command) and the next writer cuts off. Once the journal
-    passes JOURNAL_COMPACT_BYTES it is rewritten as its newest record the classic way (temporary
-    file, fsync, os.replace, fsync of the directory). Appending instead of replacing the file on
-    every command saves a rename (and the directory fsync) per command.
+    The file starts with a whole image (`create`). Each `save` appends one line `crc32 SP json LF`
+    holding `{"replace": {pointer: value, ...}}`: the new value of every part the command changed
+    (a purchase: the purse and the detail records, ~0.95 KB). Reading applies the changes in order
+    to the whole image; the result is checked like any image (CardImage.from_json).
 
-    `fsync=False` keeps the atomicity (safe against a pulled card or a killed process) but not the
-    durability against a power cut of the host.
+    Anti-tearing does not need fsync. A card "pulled" mid-command is its process killed or its
+    connection dropped; a record written by one write() then either is in the page cache whole or
+    fails its checksum (a write can stop short at a page boundary when the process dies), and a
+    record that is torn (no newline, bad checksum) is ignored on reading and cut off by the next
+    writer: the card is before or after the command, never between. What fsync adds is durability
+    against the *host* losing power, at ~0.3 ms or more per command on this machine's disk. So it is
+    off by default; `fsync=True` (`citycard card virtual --fsync`) runs fdatasync after every record.
+
+    Past JOURNAL_COMPACT_BYTES the journal is rewritten as one whole image the classic way
+    (temporary file, fsync, os.replace; then fsync of the directory when `fsync` is on). That
+    rewrite always syncs the new file before the rename: it replaces the only copy of the card, and
+    a power cut must never leave an empty file in its place.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
         self.path = Path(path)
         self.fsync = fsync
         self._fd: int | None = None
         self._size = 0  # bytes of whole records in the file (where the next record goes)
 
     def load(self) -> CardImage:
-        """The newest whole record. Read-only: a torn tail is ignored here, cut off by the writer."""
-        try:
-            raw = self.path.read_bytes()
-        except OSError as exc:
-            raise CardStateError(f"{self.path}: cannot read ({exc.strerror})") from None
-        record, _ = _newest_record(raw, str(self.path))
-        return CardImage.from_bytes(record, source=str(self.path))
+        """The state the journal holds. Read-only: a torn tail is ignored here, cut off by the writer."""
+        doc, _ = _replay(self._read(), str(self.path))
+        return CardImage.from_json(doc, str(self.path))
 
-    def save(self, data: bytes) -> None:
-        if b"\n" in data:
-            raise ValueError("a state record must be a single line")
-        record = f"{zlib.crc32(data):08x} ".encode("ascii") + data + b"\n"
+    def save(self, changes: dict[str, Any], image: CardImage) -> None:
+        record = _change_record(changes)
         if self._fd is None:
             self._open_for_append()
         if self._size + len(record) > JOURNAL_COMPACT_BYTES:
-            self._rewrite(record)
+            self._rewrite(_record(image.to_bytes()))
             return
         assert self._fd is not None
         try:
@@ -191,11 +345,10 @@ class FileStore:
         self._size += len(record)
 
     def create(self, image: CardImage) -> None:
-        """Write a new card; refuse to overwrite an existing one."""
+        """Write a new card (synced, whatever `fsync` says); refuse to overwrite an existing one."""
         if self.path.exists():
             raise CardStateError(f"{self.path}: exists already; a new card needs a new file")
-        data = image.to_bytes()
-        self._write_whole_file(f"{zlib.crc32(data):08x} ".encode("ascii") + data + b"\n")
+        self._write_whole_file(_record(image.to_bytes()))
 
     def close(self) -> None:
         if self._fd is not None:
@@ -205,13 +358,20 @@ class FileStore:
     def __del__(self) -> None:
         self.close()
 
-    def _open_for_append(self) -> None:
-        self._remove_stale_temporaries()
+    def _read(self) -> bytes:
         try:
-            raw = self.path.read_bytes()
+            with open(self.path, "rb") as f:
+                raw = f.read(JOURNAL_BYTES_MAX + 1)
         except OSError as exc:
             raise CardStateError(f"{self.path}: cannot read ({exc.strerror})") from None
-        _, whole_bytes = _newest_record(raw, str(self.path))
+        if len(raw) > JOURNAL_BYTES_MAX:
+            raise CardStateError(f"{self.path}: larger than {JOURNAL_BYTES_MAX} bytes")
+        return raw
+
+    def _open_for_append(self) -> None:
+        self._remove_stale_temporaries()
+        raw = self._read()
+        _, whole_bytes = _replay(raw, str(self.path))
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         if whole_bytes != len(raw):
             os.ftruncate(fd, whole_bytes)  # cut a torn last record before writing after it
@@ -230,8 +390,7 @@ class FileStore:
             with os.fdopen(fd, "wb") as tmp:
                 tmp.write(content)
                 tmp.flush()
-                if self.fsync:
-                    os.fsync(tmp.fileno())
+                os.fsync(tmp.fileno())  # always: see the class docstring
             os.replace(tmp_name, self.path)
         except BaseException:
             try:
@@ -255,46 +414,24 @@ class FileStore:
                 pass
 
 
-def _newest_record(raw: bytes, source: str) -> tuple[bytes, int]:
-    """The newest whole record and the number of bytes that hold whole records.
-
-    Only the last line may be bad (torn by a pull or a crash: no newline, or a checksum that
-    fails); a bad line with whole records after it is corruption, not tearing, and is refused.
-    """
-    newest: bytes | None = None
-    position = 0
-    while position < len(raw):
-        newline = raw.find(b"\n", position)
-        if newline < 0:
-            break  # torn: the last record never got its newline
-        line = raw[position:newline]
-        if not _record_ok(line):
-            if raw[newline + 1 :].strip(b"\0"):
-                raise CardStateError(f"{source}: damaged record at byte {position} with records after it")
-            break
-        newest, position = line[CRC_FIELD_BYTES:], newline + 1
-    if newest is None:
-        raise CardStateError(f"{source}: no whole card state record")
-    return newest, position
-
-
-def _record_ok(line: bytes) -> bool:
-    if len(line) <= CRC_FIELD_BYTES or line[CRC_FIELD_BYTES - 1 : CRC_FIELD_BYTES] != b" ":
-        return False
-    try:
-        crc = int(line[: CRC_FIELD_BYTES - 1], 16)
-    except ValueError:
-        return False
-    return crc == zlib.crc32(line[CRC_FIELD_BYTES:])
-
-
 class MemoryStore:
-    """Keeps the last saved image in memory: unit tests and the fuzz run."""
+    """The same journal in memory, for unit tests and the fuzz run; `load()` replays it.
+
+    The first save writes the whole image (there is nothing to apply changes to yet).
+    """
 
     def __init__(self) -> None:
-        self.data: bytes | None = None
+        self.journal = bytearray()
         self.saves = 0
 
-    def save(self, data: bytes) -> None:
-        self.data = data
+    def save(self, changes: dict[str, Any], image: CardImage) -> None:
+        record = _change_record(changes)
+        if not self.journal or len(self.journal) + len(record) > JOURNAL_COMPACT_BYTES:
+            self.journal = bytearray(_record(image.to_bytes()))
+        else:
+            self.journal += record
         self.saves += 1
+
+    def load(self) -> CardImage:
+        doc, _ = _replay(bytes(self.journal), "memory store")
+        return CardImage.from_json(doc, "memory store")

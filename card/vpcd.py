@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +42,13 @@ def _quickack(sock: socket.socket) -> None:
 
 
 def _recv_exact(sock: socket.socket, count: int) -> bytes:
-    buf = bytearray()
+    chunk = sock.recv(count)
+    _quickack(sock)  # after EVERY recv: see the module docstring
+    if len(chunk) == count:
+        return chunk  # the usual case: the whole message in one read
+    if not chunk:
+        raise ConnectionError("vpcd closed the connection")
+    buf = bytearray(chunk)
     while len(buf) < count:
         chunk = sock.recv(count - len(buf))
         if not chunk:
@@ -116,14 +121,14 @@ class VpcdLink:
         self.closed.set()
 
     def _send(self, sock: socket.socket, payload: bytes) -> None:
-        sock.sendall(struct.pack("!H", len(payload)) + payload)
+        sock.sendall(len(payload).to_bytes(2, "big") + payload)
         _quickack(sock)
 
     def _serve(self, sock: socket.socket) -> None:
         # `sock` is passed in rather than read from self so that remove() cannot race this loop.
         try:
             while True:
-                (length,) = struct.unpack("!H", _recv_exact(sock, 2))
+                length = int.from_bytes(_recv_exact(sock, 2), "big")
                 message = _recv_exact(sock, length) if length else b""
                 if length == 1:
                     self._control(sock, message[0])

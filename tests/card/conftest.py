@@ -81,7 +81,7 @@ def insert_card(pcscd_daemon: PcscDaemon, tmp_path: Path, master_keys: MasterKey
     inserted: list[InsertedCard] = []
 
     def insert(index: int, *, state_path: Path | None = None, profile: dict | None = None,
-               pull_after: Callable[[bytes], bool] | None = None, fsync: bool = True) -> InsertedCard:
+               pull_after: Callable[[bytes], bool] | None = None, fsync: bool = False) -> InsertedCard:
         reader = pcscd_daemon.readers[index]
         if state_path is None:
             state_path = tmp_path / f"card-{index}-{len(inserted)}.json"

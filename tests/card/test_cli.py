@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from citycard.card import EP, VirtualCard
+from citycard.card import EP, VirtualCard, cli
 from citycard.card.cli import main, register
 from citycard.card.personalize import SAMPLE_PROFILE
 
@@ -88,3 +88,22 @@ def test_bad_port_is_an_argument_error() -> None:
     with pytest.raises(SystemExit) as exited:
         main(["virtual", "--state", "x", "--reader-port", "70000"])
     assert exited.value.code == 2
+
+
+@pytest.mark.parametrize(("flag", "fsync"), [([], False), (["--no-fsync"], False), (["--fsync"], True)])
+def test_fsync_is_off_unless_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: list[str],
+                                       fsync: bool) -> None:
+    state = tmp_path / "card.json"
+    assert main(["virtual", "--state", str(state), "--new", "--keys", str(TEST_KEYS_PATH), "--create-only"]) == 0
+    served: list[VirtualCard] = []
+
+    class NoReader:  # stands in for VpcdLink: records the card instead of serving it
+        def __init__(self, card: VirtualCard, *args: object) -> None:
+            served.append(card)
+
+        def serve_until(self, stop: object) -> None:
+            pass
+
+    monkeypatch.setattr(cli, "VpcdLink", NoReader)
+    assert main(["virtual", "--state", str(state), *flag]) == 0
+    assert served[0].store.fsync is fsync

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 from citycard.card.crypto import (
+    CipherCache,
+    DesCipher,
     diversification_factor,
     diversify,
     pboc_mac,
@@ -12,6 +14,8 @@ from citycard.card.crypto import (
     tdes_decrypt,
     tdes_encrypt,
 )
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -83,3 +87,46 @@ def test_tdes_round_trip(key: bytes, data: bytes) -> None:
 def test_wrong_key_sizes_are_refused(bad_key: bytes) -> None:
     with pytest.raises(ValueError):
         tdes_encrypt(bad_key, bytes(8))
+
+
+def _reference_mac(key8: bytes, data: bytes, iv: bytes) -> bytes:
+    """ISO 9797-1 MAC algorithm 1, padding method 2, the textbook way: one CBC pass over the padded data."""
+    padded = data + b"\x80" + bytes(-(len(data) + 1) % 8)
+    encryptor = Cipher(TripleDES(key8 * 3), modes.CBC(iv)).encryptor()
+    return (encryptor.update(padded) + encryptor.finalize())[-8:][:4]
+
+
+@given(st.binary(min_size=8, max_size=8), st.binary(max_size=40), st.binary(min_size=8, max_size=8))
+def test_block_by_block_mac_is_cbc_mac(key: bytes, data: bytes, iv: bytes) -> None:
+    cipher = DesCipher(key)
+    assert cipher.mac(data, iv) == _reference_mac(key, data, iv)
+    assert cipher.mac(data, iv) == cipher.mac(data, iv), "a kept cipher gives the same answer every time"
+
+
+def test_a_kept_cipher_serves_every_operation_of_its_key() -> None:
+    cipher = DesCipher(VECTOR_KEY)
+    assert cipher.session_key(h("11223344 0000 0001")) == h("003238ABC57659DD")
+    assert cipher.session_key(h("11223344 0000 8000")) == h("9B1D924E05595603")
+    assert cipher.diversify(h("0102030405060708")) == diversify(VECTOR_KEY, h("0102030405060708"))
+    with pytest.raises(ValueError, match="8-byte key"):
+        cipher.mac(b"abc")
+    with pytest.raises(ValueError, match="session key"):
+        DesCipher(h("0123456789ABCDEF")).session_key(bytes(8))
+
+
+def test_ciphers_never_show_their_key() -> None:
+    cache = CipherCache(4)
+    cipher = cache.get(VECTOR_KEY)
+    assert VECTOR_KEY.hex() not in (repr(cipher) + repr(cache)).lower()
+
+
+def test_cipher_cache_is_bounded_and_keeps_the_newest() -> None:
+    cache = CipherCache(2)
+    first, second = cache.get(bytes(8)), cache.get(bytes(7) + b"\x01")
+    assert cache.get(bytes(8)) is first
+    third = cache.get(bytes(7) + b"\x02")  # evicts the oldest entry
+    assert len(cache) == 2
+    assert cache.get(bytes(7) + b"\x01") is second and cache.get(bytes(7) + b"\x02") is third
+    assert cache.get(bytes(8)) is not first
+    with pytest.raises(ValueError):
+        CipherCache(0)

@@ -6,7 +6,9 @@ card sits in varied states (MF, SSSE, purse, after an INITIALIZE, after GET CHAL
 For every APDU: nothing escapes `process`, the answer carries a status word, there is never an
 internal fault (6F 00), and a refused APDU leaves the card exactly as it was (persistent image,
 selection, security status, and no write to the store). The only refusals that may change state are
-the 63 Cx of a wrong PIN or key, which spend a try by design.
+the 63 Cx of a wrong PIN or key, which spend a try by design. After every APDU that wrote, the
+journal replayed from its whole image equals the card's memory: no command changes a part it does
+not record.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def test_fuzz_100k_apdus_never_crash_and_refusals_change_nothing(master_keys: Ma
     templates = [_h(t) for t in TEMPLATES]
     card, store = _fresh_card(master_keys, SEED)
     kinds_seen: dict[str, int] = {}
-    refused = 0
+    refused = writes = 0
     snapshot = card.snapshot()
     for n in range(APDUS_TOTAL):
         if n % FRESH_CARD_EVERY == 0 and n:
@@ -123,6 +125,9 @@ def test_fuzz_100k_apdus_never_crash_and_refusals_change_nothing(master_keys: Ma
         sw = int.from_bytes(response[-2:], "big")
         assert sw != 0x6F00, f"internal fault: {context}"
         _check_expected_sw(apdu, sw, context)
+        if store.saves != saves:
+            writes += 1
+            assert store.load().to_bytes() == card.image.to_bytes(), f"journal and memory differ: {context}"
         if sw in (0x9000, 0x6282) or sw & 0xFFF0 == 0x63C0:
             snapshot = card.snapshot()
             continue
@@ -132,6 +137,7 @@ def test_fuzz_100k_apdus_never_crash_and_refusals_change_nothing(master_keys: Ma
         after = card.snapshot()
         assert after == snapshot, f"a refused APDU changed the card: {context}"
     assert refused > APDUS_TOTAL // 2
+    assert writes > 100, "the run must exercise state-changing commands"
     assert set(kinds_seen) >= {"truncate", "extend", "lc", "le", "cla", "ins", "p1p2", "extended",
                                "extended-abuse", "data", "random"}
 

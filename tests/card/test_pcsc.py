@@ -49,7 +49,7 @@ def test_fixture_gives_four_private_readers(pcscd_daemon: PcscDaemon) -> None:
 
 
 def test_load_and_purchase_through_pcscd(insert_card, master_keys: MasterKeys) -> None:
-    inserted = insert_card(0)
+    inserted = insert_card(0, fsync=True)  # the durable mode; the other tests run the default
     terminal = pcsc_terminal(inserted.reader.name, master_keys)
     try:
         assert terminal.channel.transport.protocol == "T=1"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from citycard.card import MasterKeys, Terminal, VirtualCard
 from citycard.card.purse import PURSE_AID
-from citycard.card.state import pin_from_digits
+from citycard.card.state import CardImage, pin_from_digits
 from citycard.card.sw import AuthenticationBlocked, MacInvalid, VerificationFailed
 
 from .helpers import PIN, send
@@ -68,9 +68,10 @@ def test_the_try_is_persisted_before_the_comparison(card: VirtualCard) -> None:
     seen: list[int] = []
     original_save = card.store.save
 
-    def spy(data: bytes) -> None:
-        seen.append(card.image.pin.tries_left)
-        original_save(data)
+    def spy(changes: dict, image: CardImage) -> None:
+        assert list(changes) == ["/pin"], "a VERIFY writes the PIN and nothing else"
+        seen.append(changes["/pin"]["tries_left"])
+        original_save(changes, image)
 
     card.store.save = spy  # type: ignore[method-assign]
     verify(card, WRONG)

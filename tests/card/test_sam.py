@@ -9,17 +9,24 @@ from pathlib import Path
 
 import pytest
 from citycard.card import (
+    CardChannel,
     IssuerHost,
     KeyFileError,
     KeyUsage,
     MasterKeys,
+    MemoryStore,
+    MemoryTransport,
     PurchaseTacFields,
     SamError,
     SamMacError,
     SoftSam,
     Terminal,
+    VirtualCard,
+    personalize,
+    profile_from_json,
     verify_tac,
 )
+from citycard.card.personalize import SAMPLE_PROFILE
 from citycard.card.sam import PurchaseRequest
 
 from .helpers import PIN, TERMINAL_ID, TEST_KEYS_PATH
@@ -51,6 +58,24 @@ def test_sam_numbers_transactions_and_checks_mac2(master_keys: MasterKeys) -> No
     with pytest.raises(SamError, match="no purchase session"):
         sam.check_mac2(bytes(4))  # the session went with the failed check
     assert sam.init_for_purchase(request).terminal_seq == 42
+
+
+def test_one_sam_serves_many_cards_in_turn(master_keys: MasterKeys) -> None:
+    """The SAM keeps each card's purchase key ready; interleaving cards must never mix them up."""
+    sam = SoftSam(master_keys, TERMINAL_ID)
+    terminals = []
+    for n in (1, 2, 3):
+        profile = dict(SAMPLE_PROFILE, purse=dict(SAMPLE_PROFILE["purse"], app_serial=f"{33030000000000000000 + n:020d}"))
+        card = VirtualCard(personalize(profile_from_json(profile), master_keys), MemoryStore())
+        terminals.append(Terminal(CardChannel(MemoryTransport(card)), sam, host=IssuerHost(master_keys)))
+    for terminal in terminals:
+        terminal.verify_pin(PIN)
+        terminal.load(1_000)
+    for _ in range(3):
+        for n, terminal in enumerate(terminals, start=1):
+            receipt = terminal.purchase(n)  # raises if MAC1 or MAC2 does not verify
+            assert verify_tac(master_keys, receipt.tac_fields(), receipt.tac)
+    assert [t.balance() for t in terminals] == [997, 994, 991]
 
 
 def test_sam_refuses_unknown_key_version_and_non_purchases(master_keys: MasterKeys) -> None:

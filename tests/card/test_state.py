@@ -1,5 +1,6 @@
-"""Anti-tearing: one atomic write per command, a failed write changes nothing, a killed card process
-always reopens consistent; and a state file is untrusted input."""
+"""Anti-tearing: one atomic write per state-changing command (and none for the others), a failed write
+changes nothing, a torn or killed write reopens as the state before, the journal replays to exactly the
+card's memory, fsync only when asked; and a state file is untrusted input."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -17,17 +19,21 @@ from citycard.card import (
     EP,
     CardStateError,
     FileStore,
+    IssuerHost,
     MasterKeys,
     VirtualCard,
     personalize,
     profile_from_json,
 )
+from citycard.card import purse as purse_module
 from citycard.card import state as state_module
 from citycard.card.personalize import SAMPLE_PROFILE
-from citycard.card.state import CardImage
+from citycard.card.purse import DETAIL_SFI, PURSE_AID
+from citycard.card.ssse import SSSE_AID
+from citycard.card.state import CardImage, apply_changes
 from citycard.card.sw import MemoryFailure
 
-from .helpers import PIN, TEST_KEYS_PATH, make_terminal
+from .helpers import PIN, TEST_KEYS_PATH, make_terminal, send
 
 KILL_ROUNDS = 3
 LOAD_FEN = 100_000
@@ -63,7 +69,7 @@ def test_state_file_is_private(state_path: Path) -> None:
 @pytest.mark.parametrize("failure", ["sync", "short write", "compaction"])
 def test_failed_write_answers_6581_and_changes_nothing(state_path: Path, master_keys: MasterKeys,
                                                        monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
-    card = VirtualCard.open(state_path)
+    card = VirtualCard.open(state_path, fsync=failure == "sync")
     terminal = make_terminal(card, master_keys)
     terminal.verify_pin(PIN)
     terminal.load(5_000)
@@ -127,13 +133,19 @@ def test_damage_before_the_last_record_is_refused(state_path: Path, master_keys:
         VirtualCard.open(state_path)
 
 
-def test_the_journal_is_compacted(state_path: Path, master_keys: MasterKeys) -> None:
+def test_the_journal_is_compacted(state_path: Path, master_keys: MasterKeys,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    limit = 8 * 1024
+    monkeypatch.setattr(state_module, "JOURNAL_COMPACT_BYTES", limit)
     terminal = make_terminal(VirtualCard.open(state_path), master_keys)
     terminal.verify_pin(PIN)
     terminal.load(50_000)
-    for _ in range(60):
+    for _ in range(60):  # ~1.1 KB each: several compactions
         terminal.purchase(1)
-    assert state_path.stat().st_size <= state_module.JOURNAL_COMPACT_BYTES
+        assert state_path.stat().st_size <= limit
+    first = json.loads(state_path.read_bytes().split(b"\n", 1)[0][9:])
+    assert first["format"] == state_module.STATE_FORMAT, "a compacted journal starts with a whole image"
+    assert first["purse"]["offline_counters"]["2"] > 0, "and it is not the personalisation record"
     assert VirtualCard.open(state_path).image.purse.balances[EP] == 50_000 - 60
 
 
@@ -144,6 +156,213 @@ def test_stale_temporary_files_are_removed_by_the_writer(state_path: Path, maste
     assert stale.exists(), "reading alone changes nothing on disk"
     make_terminal(card, master_keys).verify_pin(PIN)  # the first write
     assert not stale.exists()
+
+
+SELECT_PURSE = "00A4040009" + PURSE_AID.hex()
+SELECT_SSSE = "00A404000F" + SSSE_AID.hex()
+
+
+class _DiskCalls:
+    """Counts write() and fdatasync() calls on the card's journal while installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, journal: Path) -> None:
+        self.writes: list[bytes] = []
+        self.syncs = 0
+        real_write, real_sync = os.write, os.fdatasync
+
+        def write(fd: int, data: bytes) -> int:
+            if os.path.realpath(f"/proc/self/fd/{fd}") == str(journal.resolve()):
+                self.writes.append(bytes(data))
+            return real_write(fd, data)
+
+        def sync(fd: int) -> None:
+            self.syncs += 1
+            real_sync(fd)
+
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "fdatasync", sync)
+
+
+def test_commands_that_change_nothing_never_write(state_path: Path, master_keys: MasterKeys,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    card = VirtualCard.open(state_path, fsync=True)
+    terminal = make_terminal(card, master_keys)
+    terminal.verify_pin(PIN)
+    terminal.load(5_000)
+    sale = terminal.purchase(100)
+    on_disk = state_path.read_bytes()
+    calls = _DiskCalls(monkeypatch, state_path)
+    saves_before = len(calls.writes)
+    read_only = [
+        SELECT_SSSE, "00A4020002EF05", "00B2010400", "00A4020002EF06", "00B2080000",
+        SELECT_PURSE, "00B0950000", "00B0960000", "00B2011C00", "805C000204", "805C000104",
+        "805001020B0100000064001122334455 0F",  # INITIALIZE FOR PURCHASE: a session in RAM only
+        "805A0006020001 08",  # GET TRANSACTION PROVE of the purchase
+        "0084000008", "0088000108" + "00" * 8, "0020000000",  # challenge, internal auth, PIN status
+        "805401000F" + "00" * 4 + "20250115120000" + "00" * 4 + "08",  # a DEBIT that is refused: 69 85
+        "00A40000023F00",
+    ]
+    answers = [send(card, apdu) for apdu in read_only]
+    assert answers[12][:16] == (sale.mac2 + sale.tac).hex().upper()
+    assert answers[-2] == "6985"
+    assert calls.writes[saves_before:] == [] and calls.syncs == 0
+    assert state_path.read_bytes() == on_disk
+
+
+def test_a_purchase_is_one_write_of_what_changed(state_path: Path, master_keys: MasterKeys,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    card = VirtualCard.open(state_path)
+    terminal = make_terminal(card, master_keys)
+    terminal.verify_pin(PIN)
+    terminal.load(5_000)
+    calls = _DiskCalls(monkeypatch, state_path)
+    terminal.purchase(100)
+    assert len(calls.writes) == 1 and calls.syncs == 0  # default: atomic, not synced
+    record = calls.writes[0]
+    assert record.endswith(b"\n") and int(record[:8], 16) == zlib.crc32(record[9:-1])
+    changes = json.loads(record[9:])["replace"]
+    purse_df = next(i for i, df in enumerate(card.image.mf.dfs) if df.application == "purse")
+    detail_index = next(i for i, ef in enumerate(card.image.mf.dfs[purse_df].efs) if ef.sfi == DETAIL_SFI)
+    assert sorted(changes) == [f"/mf/dfs/{purse_df}/efs/{detail_index}/records", "/purse"]
+    assert len(record) < 1500, "a purchase writes the purse and the detail records, not the whole card"
+    assert FileStore(state_path).load().to_bytes() == card.image.to_bytes()
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_fsync_flag(state_path: Path, master_keys: MasterKeys, monkeypatch: pytest.MonkeyPatch,
+                    fsync: bool) -> None:
+    card = VirtualCard.open(state_path, fsync=fsync)
+    terminal = make_terminal(card, master_keys)
+    terminal.verify_pin(PIN)  # two writes: the try is spent, then given back
+    terminal.load(5_000)
+    calls = _DiskCalls(monkeypatch, state_path)
+    terminal.purchase(100)  # SELECT and INITIALIZE write nothing, DEBIT writes once
+    terminal.balance()
+    assert (len(calls.writes), calls.syncs) == (1, 1 if fsync else 0)
+
+
+def test_compaction_and_creation_always_sync(tmp_path: Path, master_keys: MasterKeys,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even without --fsync: they replace the only copy of the card, so the new file is synced first."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "card.json"
+    FileStore(path).create(personalize(profile_from_json(SAMPLE_PROFILE), master_keys))
+    assert len(synced) == 1
+    card = VirtualCard.open(path)
+    monkeypatch.setattr(state_module, "JOURNAL_COMPACT_BYTES", 0)
+    make_terminal(card, master_keys).verify_pin(PIN)
+    assert len(synced) == 3 and all(".tmp" in name for name in synced)  # one per rewrite, not the directory
+
+
+def _external_auth(card: VirtualCard, host: IssuerHost, application: str, serial: bytes, *,
+                   forge: bool) -> str:
+    challenge = bytes.fromhex(send(card, "0084000008")[:-4])
+    cryptogram = host.external_auth_cryptogram(application, serial, challenge)
+    return send(card, "0082000108" + (bytes([cryptogram[0] ^ forge]) + cryptogram[1:]).hex())
+
+
+def test_every_state_changing_command_reopens_as_in_memory(state_path: Path, master_keys: MasterKeys) -> None:
+    """Each command's change record, replayed on the whole image, gives exactly what the card holds."""
+    card = VirtualCard.open(state_path)
+    host = IssuerHost(master_keys)
+    terminal = make_terminal(card, master_keys)
+    serial = bytes.fromhex(SAMPLE_PROFILE["purse"]["app_serial"])
+    reload_pin = "805E000007" + "123456" + host.pin_reload_mac("purse", serial, bytes.fromhex("123456")).hex()
+    steps = [
+        lambda: send(card, "0020000003999999"),  # wrong PIN: a try spent
+        lambda: send(card, "0020000003" + PIN),  # right PIN: tries back
+        lambda: send(card, "805E010007" + PIN + "FF" + "654321"),  # CHANGE PIN
+        lambda: send(card, SELECT_PURSE),
+        lambda: send(card, reload_pin),  # RELOAD PIN: back to 123456
+        lambda: terminal.verify_pin(PIN),
+        lambda: terminal.load(5_000),
+        lambda: terminal.purchase(100),
+        lambda: terminal.composite_purchase(300, bytes((0x02, 46)) + bytes(range(46))),
+        lambda: _external_auth(card, host, "purse", serial, forge=True),  # a key try spent
+        lambda: _external_auth(card, host, "purse", serial, forge=False),
+        lambda: send(card, "00D6951C02ABCD"),  # UPDATE BINARY 0015 after authentication
+    ]
+    for number, step in enumerate(steps):
+        writes_before = state_path.stat().st_size
+        step()
+        assert state_path.stat().st_size > writes_before or number == 3, f"step {number} wrote nothing"
+        assert FileStore(state_path).load().to_bytes() == card.image.to_bytes(), f"step {number}"
+    assert card.image.purse.balances[EP] == 4_600
+
+
+def test_an_internal_fault_rolls_back_to_what_is_on_disk(state_path: Path, master_keys: MasterKeys,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    card = VirtualCard.open(state_path)
+    terminal = make_terminal(card, master_keys)
+    terminal.verify_pin(PIN)
+    terminal.load(5_000)
+    terminal.purchase(100)  # the rollback point is now the start image plus these changes
+
+    def faulty_debit(card: VirtualCard, command: object, pending: object) -> bytes:
+        card.purse.balances[EP] = 1  # half a transaction in memory, then a bug
+        card.purse.proofs.clear()
+        raise RuntimeError("bug")
+
+    monkeypatch.setitem(purse_module.HANDLERS, 0x54, faulty_debit)
+    send(card, SELECT_PURSE)
+    send(card, "805001020B0100000064001122334455 0F")
+    assert send(card, "805401000F" + "00" * 15 + "08") == "6F00"
+    assert card.image.to_bytes() == FileStore(state_path).load().to_bytes()
+    assert card.image.purse.balances[EP] == 4_900 and len(card.image.purse.proofs) == 2
+    monkeypatch.undo()
+    assert make_terminal(card, master_keys).purchase(100).balance_after_fen == 4_800
+
+
+def _journal_with(state_path: Path, *records: object) -> None:
+    with open(state_path, "ab") as journal:
+        for record in records:
+            payload = json.dumps(record).encode()
+            journal.write(f"{zlib.crc32(payload):08x} ".encode() + payload + b"\n")
+
+
+def test_a_change_that_names_no_part_is_refused(state_path: Path) -> None:
+    _journal_with(state_path, {"replace": {"/mf/dfs/7/efs/0/records": []}})
+    with pytest.raises(CardStateError, match="record at byte .*names no part"):
+        FileStore(state_path).load()
+
+
+def test_replayed_changes_are_checked_like_a_whole_image(state_path: Path) -> None:
+    purse = json.loads(state_path.read_bytes()[9:])["purse"]
+    purse["balances"]["2"] = purse["balance_max_fen"] + 1
+    _journal_with(state_path, {"replace": {"/purse": purse}})
+    with pytest.raises(CardStateError, match="purse: a stored balance exceeds"):
+        FileStore(state_path).load()
+
+
+def test_changes_need_a_whole_image_before_them(tmp_path: Path) -> None:
+    path = tmp_path / "card.json"
+    _journal_with(path, {"replace": {"/pin": {}}})
+    with pytest.raises(CardStateError, match="before any whole card state"):
+        FileStore(path).load()
+
+
+def test_apply_changes_replaces_and_never_adds() -> None:
+    doc = {"a": {"b": [1, 2]}, "c": 3}
+    apply_changes(doc, {"/a/b/1": 20, "/c": {"d": 4}})
+    assert doc == {"a": {"b": [1, 20]}, "c": {"d": 4}}
+    for pointer in ("/a/b/2", "/a/x", "/c/d/e", "a", "/a/b/-1"):
+        with pytest.raises(ValueError):
+            apply_changes(doc, {pointer: 0})
+    assert doc == {"a": {"b": [1, 20]}, "c": {"d": 4}}
+
+
+def test_a_part_from_another_card_cannot_be_committed(master_keys: MasterKeys) -> None:
+    one, other = (personalize(profile_from_json(SAMPLE_PROFILE), master_keys) for _ in range(2))
+    with pytest.raises(ValueError, match="not a part"):
+        one.change(other.pin)
+    with pytest.raises(ValueError, match="not a part"):
+        one.change(other.mf.dfs[1].efs[0])
 
 
 _KILLED_CHILD = textwrap.dedent(
