@@ -94,12 +94,20 @@ def _timed(fn: Callable[[], object], count: int) -> list[float]:
     return samples
 
 
+def _version_or_none(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _machine() -> dict[str, object]:
     return {
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "pyscard": importlib.metadata.version("pyscard"),
         "cryptography": importlib.metadata.version("cryptography"),
+        "orjson": _version_or_none("orjson"),  # the card's journal encoder; None: the stdlib's
         "platform": platform.platform(),
     }
 

@@ -8,7 +8,7 @@ Ne is kept as the number the terminal asked for; `ne_is_max` tells whether Le wa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .sw import SW, Refusal
 
@@ -35,8 +35,10 @@ EXTENDED_NE_MAX = 65536  # Le bytes 00 00
 CARD_NC_MAX = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
+    """One parsed command APDU. A NamedTuple, not a frozen dataclass: the card makes one per APDU, and
+    a tuple is built in a third of the time while staying just as immutable."""
+
     cla: int
     ins: int
     p1: int

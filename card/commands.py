@@ -7,7 +7,7 @@ layouts are those of card-standards.md §1.2, §2.3 and §4.2; Le values are the
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .apdu import SHORT_NE_MAX, encode_command
 from .channel import Apdu
@@ -190,6 +190,8 @@ def get_transaction_prove(tx_type: int, counter: int) -> Apdu:
 
 
 # -- response layouts --------------------------------------------------------------------------------
+# Parsed answers are NamedTuples: immutable, and built in a third of a frozen dataclass's time (a
+# purchase parses two of them).
 
 
 def _expect(data: bytes, length: int, what: str) -> None:
@@ -197,8 +199,7 @@ def _expect(data: bytes, length: int, what: str) -> None:
         raise ResponseFormatError(f"{what}: expected {length} bytes, got {len(data)}")
 
 
-@dataclass(frozen=True, slots=True)
-class LoadInit:
+class LoadInit(NamedTuple):
     balance_fen: int
     online_counter: int
     key_version: int
@@ -213,8 +214,7 @@ class LoadInit:
                    data[8:12], data[12:16])
 
 
-@dataclass(frozen=True, slots=True)
-class PurchaseInit:
+class PurchaseInit(NamedTuple):
     balance_fen: int
     offline_counter: int
     overdraft_fen: int
@@ -229,8 +229,7 @@ class PurchaseInit:
                    int.from_bytes(data[6:9], "big"), data[9], data[10], data[11:15])
 
 
-@dataclass(frozen=True, slots=True)
-class PublicData:
+class PublicData(NamedTuple):
     """The purse's public application data (SFI 15, 30 bytes)."""
 
     issuer_id: bytes
@@ -255,8 +254,7 @@ def parse_fci_public_data(fci: bytes) -> PublicData:
     return PublicData.parse(fci[marker + 3 : marker + 3 + length])
 
 
-@dataclass(frozen=True, slots=True)
-class TransactionRecord:
+class TransactionRecord(NamedTuple):
     """One 23-byte transaction detail record (SFI 18)."""
 
     counter: int

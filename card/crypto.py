@@ -10,10 +10,10 @@ card-standards.md §2.4 (checked in tests/card/test_crypto.py):
 * diversification: left = 3DES(MK, factor), right = 3DES(MK, NOT factor).
 
 `DesCipher` is one key with its cipher context kept open. Opening an OpenSSL context costs about
-10 µs, encrypting a block through an open one about 1 µs, and a PBOC operation is one to four
-blocks; so whoever uses a key more than once keeps its `DesCipher` (the card per card key, the SAM
-per card it serves, both per session key) and `CipherCache` bounds such a collection. The
-module-level functions are the same operations for a key used once.
+6-10 µs, encrypting through an open one about 1 µs, and a PBOC operation is one to four blocks; so
+whoever uses a key more than once keeps its `DesCipher` (the card per card key, the SAM per card it
+serves, both per session key) and `CipherCache` bounds such a collection. The module-level
+functions are the same operations for a key used once.
 
 `cryptography` deprecates 8- and 16-byte TripleDES keys; we always hand it the 24-byte form
 (K1 K2 K1 for 2-key 3DES, K K K for single DES), which computes the same function.
@@ -22,6 +22,7 @@ module-level functions are the same operations for a key used once.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
@@ -49,6 +50,7 @@ DOUBLE_KEY_BYTES = 16
 ZERO_IV = bytes(BLOCK_BYTES)
 MAC_PADDING = b"\x80" + bytes(BLOCK_BYTES - 1)
 _ECB = modes.ECB()  # mode objects hold no state; one serves every cipher
+_CBC_ZERO_IV = modes.CBC(ZERO_IV)
 
 
 def _key24(key: bytes) -> bytes:
@@ -65,36 +67,51 @@ def _blocks(data: bytes) -> None:
 
 
 class DesCipher:
-    """One single-DES (8-byte) or 2-key 3DES (16-byte) key, ready to encrypt.
+    """One single-DES (8-byte) or 2-key 3DES (16-byte) key, ready to use. The key never shows in repr.
 
-    ECB keeps no state between blocks, so one ECB context that is never finalised serves every
-    call; the MAC's CBC chaining is done here, one block at a time. Not thread-safe: each card,
-    SAM and session owns its own. The key never shows in repr.
+    A 16-byte key (application and master keys) encrypts blocks: it keeps one ECB context that is
+    never finalised, since ECB carries nothing from one block to the next.
+
+    An 8-byte key is a MAC key (session keys, the TAC key, the PIN reload key). The ED/EP MAC is the
+    last block of a CBC encryption of the padded input, so the key keeps a CBC context and a MAC is
+    one call into OpenSSL however long the input. A CBC context that is never finalised chains on
+    from the last block it produced (`_cbc_last`): XORing that block, and the MAC's own IV, into the
+    first input block makes the context start this MAC exactly as a fresh one with that IV would.
+    That state is why a DesCipher is not thread-safe: each card, SAM and session owns its own.
     """
 
-    __slots__ = ("_encrypt_ecb", "key_bytes")
+    __slots__ = ("_cbc_last", "_encrypt_cbc", "_encrypt_ecb", "key_bytes")
 
     def __init__(self, key: bytes) -> None:
         self.key_bytes = len(key)
-        self._encrypt_ecb = Cipher(TripleDES(_key24(key)), _ECB).encryptor().update
+        self._encrypt_ecb: Callable[[bytes], bytes] | None = None
+        self._encrypt_cbc: Callable[[bytes], bytes] | None = None
+        self._cbc_last = ZERO_IV  # what the CBC context chains on from: its IV, then its last output
+        algorithm = TripleDES(_key24(key))
+        if self.key_bytes == SINGLE_KEY_BYTES:
+            self._encrypt_cbc = Cipher(algorithm, _CBC_ZERO_IV).encryptor().update
+        else:
+            self._encrypt_ecb = Cipher(algorithm, _ECB).encryptor().update
 
     def __repr__(self) -> str:
         return f"DesCipher(<{self.key_bytes}-byte key redacted>)"
 
     def encrypt(self, data: bytes) -> bytes:
-        """ECB encryption of whole blocks."""
+        """ECB encryption of whole blocks under this 16-byte key."""
+        if self._encrypt_ecb is None:
+            raise ValueError("a kept 8-byte key only makes MACs; use des_encrypt for single DES")
         _blocks(data)
         return self._encrypt_ecb(data)
 
     def session_key(self, block8: bytes) -> bytes:
         """A process (session) key: 3DES-ECB of one block under this 16-byte application key."""
-        if self.key_bytes != DOUBLE_KEY_BYTES or len(block8) != BLOCK_BYTES:
+        if self._encrypt_ecb is None or len(block8) != BLOCK_BYTES:
             raise ValueError("session key = 3DES(16-byte key, 8-byte block)")
         return self._encrypt_ecb(block8)
 
     def diversify(self, factor8: bytes) -> bytes:
         """A per-card key from this 16-byte master key: 3DES(MK, factor) || 3DES(MK, NOT factor)."""
-        if self.key_bytes != DOUBLE_KEY_BYTES or len(factor8) != BLOCK_BYTES:
+        if self._encrypt_ecb is None or len(factor8) != BLOCK_BYTES:
             raise ValueError("diversify(16-byte master key, 8-byte factor)")
         inverted = (int.from_bytes(factor8, "big") ^ 0xFFFF_FFFF_FFFF_FFFF).to_bytes(BLOCK_BYTES, "big")
         return self._encrypt_ecb(factor8 + inverted)
@@ -105,16 +122,18 @@ class DesCipher:
         Padding always appends 80 then 00s, so an input that is already a multiple of 8 grows by a
         whole block; that is what makes MAC(x) differ from MAC(x || 80 00 ..).
         """
-        if self.key_bytes != SINGLE_KEY_BYTES:
+        if self._encrypt_cbc is None:
             raise ValueError("the ED/EP MAC takes an 8-byte key")
         if len(iv) != BLOCK_BYTES:
             raise ValueError("the IV is one 8-byte block")
         padded = data + MAC_PADDING[: BLOCK_BYTES - len(data) % BLOCK_BYTES]
-        chain = int.from_bytes(iv, "big")
-        for start in range(0, len(padded), BLOCK_BYTES):  # CBC: each block is XORed with the last output
-            block = chain ^ int.from_bytes(padded[start : start + BLOCK_BYTES], "big")
-            chain = int.from_bytes(self._encrypt_ecb(block.to_bytes(BLOCK_BYTES, "big")), "big")
-        return chain.to_bytes(BLOCK_BYTES, "big")[:MAC_BYTES]
+        # The context will XOR its last output into the first block; giving it (first ^ last ^ iv)
+        # leaves first ^ iv, which is CBC with this MAC's IV (see the class docstring).
+        first = int.from_bytes(padded[:BLOCK_BYTES], "big") ^ int.from_bytes(self._cbc_last, "big")
+        first ^= int.from_bytes(iv, "big")
+        out = self._encrypt_cbc(first.to_bytes(BLOCK_BYTES, "big") + padded[BLOCK_BYTES:])
+        self._cbc_last = out[-BLOCK_BYTES:]
+        return self._cbc_last[:MAC_BYTES]
 
 
 class CipherCache:
@@ -145,7 +164,8 @@ class CipherCache:
 
 def tdes_encrypt(key: bytes, data: bytes) -> bytes:
     """ECB encryption with an 8-byte (single DES) or 16-byte (2-key 3DES) key."""
-    return DesCipher(key).encrypt(data)
+    _blocks(data)
+    return Cipher(TripleDES(_key24(key)), _ECB).encryptor().update(data)
 
 
 def tdes_decrypt(key: bytes, data: bytes) -> bytes:

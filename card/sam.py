@@ -18,7 +18,7 @@ Keys never leave these objects except as MACs; errors never contain key material
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .crypto import (
     CipherCache,
@@ -128,8 +128,9 @@ def verify_tac(master_keys: MasterKeys, fields: TacFields, tac: bytes) -> bool:
 # -- the PSAM-shaped purchase SAM -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PurchaseRequest:
+# The two values of every purchase are NamedTuples (immutable, and cheaper to build than a frozen
+# dataclass); the TAC fields, made only to check a TAC, stay dataclasses.
+class PurchaseRequest(NamedTuple):
     """The input of INIT SAM FOR PURCHASE (`80 70`): what the card said plus the transaction."""
 
     card_random: bytes
@@ -142,8 +143,7 @@ class PurchaseRequest:
     app_serial: bytes  # diversification source (rightmost 8 bytes)
 
 
-@dataclass(frozen=True, slots=True)
-class PurchaseAuthorization:
+class PurchaseAuthorization(NamedTuple):
     terminal_seq: int
     mac1: bytes
 

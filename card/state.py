@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; the stdlib encoder writes the same bytes
+    orjson = None  # type: ignore[assignment]
+
 from .fs import MF_FID, DedicatedFile, ElementaryFile
 from .keys import CardKey
 from .purse import PurseData
@@ -54,9 +59,24 @@ JOURNAL_COMPACT_BYTES = 1024 * 1024
 JOURNAL_BYTES_MAX = JOURNAL_COMPACT_BYTES + STATE_BYTES_MAX  # a journal due for compaction, plus one record
 CRC_FIELD_BYTES = 9  # 8 hex digits and a space
 REPLACE = "replace"  # the one key of a change record
-# One compact encoder for every commit: key order is fixed by to_json itself (no sort_keys), the tree
-# has no cycles (no check_circular), and ensure_ascii keeps every record on one line.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False, ensure_ascii=True)
+# The stdlib's most compact form: key order is fixed by to_json itself (no sort_keys), the tree has no
+# cycles (no check_circular), and ensure_ascii keeps every record on one line.
+_STDLIB_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False, ensure_ascii=True)
+
+
+def json_bytes_stdlib(obj: Any) -> bytes:
+    return _STDLIB_ENCODER.encode(obj).encode("ascii")
+
+
+def json_bytes_orjson(obj: Any) -> bytes:
+    """orjson writes the same compact JSON in a tenth of the time (~1 µs instead of ~9 µs for a
+    purchase's change record, which is a tenth of the card's work in a DEBIT). Our documents hold only
+    ASCII (hex strings, numbers, fixed names), so the bytes are the stdlib's exactly (a test checks it)
+    and a journal does not depend on which encoder wrote it."""
+    return orjson.dumps(obj)
+
+
+json_bytes = json_bytes_orjson if orjson is not None else json_bytes_stdlib
 
 
 class CardStateError(ValueError):
@@ -121,7 +141,7 @@ class CardImage:
         }
 
     def to_bytes(self) -> bytes:
-        return _ENCODER.encode(self.to_json()).encode("ascii")
+        return json_bytes(self.to_json())
 
     def change(self, part: Part) -> tuple[str, Any]:
         """How a change of `part` is recorded: a JSON pointer (RFC 6901) into this image's JSON
@@ -237,7 +257,7 @@ def _record(payload: bytes) -> bytes:
 
 
 def _change_record(changes: dict[str, Any]) -> bytes:
-    return _record(_ENCODER.encode({REPLACE: changes}).encode("ascii"))
+    return _record(json_bytes({REPLACE: changes}))
 
 
 def _replay(raw: bytes, source: str) -> tuple[dict[str, Any], int]:

@@ -103,6 +103,16 @@ def test_block_by_block_mac_is_cbc_mac(key: bytes, data: bytes, iv: bytes) -> No
     assert cipher.mac(data, iv) == cipher.mac(data, iv), "a kept cipher gives the same answer every time"
 
 
+@given(st.binary(min_size=8, max_size=8),
+       st.lists(st.tuples(st.binary(max_size=40), st.binary(min_size=8, max_size=8)), min_size=2, max_size=6))
+def test_a_kept_mac_key_starts_every_mac_afresh(key: bytes, messages: list[tuple[bytes, bytes]]) -> None:
+    """A kept MAC key chains one CBC context through all its MACs; each must still equal a fresh CBC-MAC,
+    whatever came before it (lengths and IVs mixed, as MAC1, TAC and MAC2 of a purchase are)."""
+    cipher = DesCipher(key)
+    for data, iv in messages:
+        assert cipher.mac(data, iv) == _reference_mac(key, data, iv)
+
+
 def test_a_kept_cipher_serves_every_operation_of_its_key() -> None:
     cipher = DesCipher(VECTOR_KEY)
     assert cipher.session_key(h("11223344 0000 0001")) == h("003238ABC57659DD")
@@ -112,6 +122,9 @@ def test_a_kept_cipher_serves_every_operation_of_its_key() -> None:
         cipher.mac(b"abc")
     with pytest.raises(ValueError, match="session key"):
         DesCipher(h("0123456789ABCDEF")).session_key(bytes(8))
+    with pytest.raises(ValueError, match="only makes MACs"):
+        DesCipher(h("0123456789ABCDEF")).encrypt(bytes(8))
+    assert cipher.encrypt(h("0102030405060708")) == tdes_encrypt(VECTOR_KEY, h("0102030405060708"))
 
 
 def test_ciphers_never_show_their_key() -> None:

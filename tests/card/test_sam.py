@@ -82,9 +82,9 @@ def test_sam_refuses_unknown_key_version_and_non_purchases(master_keys: MasterKe
     sam = SoftSam(master_keys, TERMINAL_ID)
     base = PurchaseRequest(bytes(4), 0, 100, 0x06, bytes.fromhex("20250115120000"), 1, 0, SERIAL)
     with pytest.raises(SamError, match="version"):
-        sam.init_for_purchase(dataclasses.replace(base, key_version=7))
+        sam.init_for_purchase(base._replace(key_version=7))
     with pytest.raises(SamError, match="not a purchase"):
-        sam.init_for_purchase(dataclasses.replace(base, tx_type=0x02))
+        sam.init_for_purchase(base._replace(tx_type=0x02))
 
 
 def test_host_refuses_a_load_with_a_bad_mac1(master_keys: MasterKeys) -> None:
