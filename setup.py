@@ -31,7 +31,7 @@ if DEBUG:
 # Cython resolves the .pxd beside a .pyx by the module's dotted name, so it compiles the module under
 # the name its folder gives it ("core._ledger"); the built extension is then installed where the
 # package_dir mapping puts it ("citycard.core._ledger"). The init symbol only uses the last part.
-INSTALLED_NAME = {"core._ledger": "citycard.core._ledger"}
+INSTALLED_NAME = {"core._ledger": "citycard.core._ledger", "card._des": "citycard.card._des"}
 
 extensions = [
     Extension(
@@ -42,11 +42,14 @@ extensions = [
         define_macros=macros,
         extra_compile_args=compile_args,
     ),
+    # The card's DES core over libcrypto's EVP API; card/crypto.py falls back to its pure twin without it.
+    Extension("card._des", sources=["card/_des.pyx"], libraries=["crypto"], define_macros=macros,
+              extra_compile_args=compile_args),
 ]
 
 compiled = cythonize(
         extensions,
-        include_path=["core"],
+        include_path=["core", "card"],
         annotate=DEBUG,
         compiler_directives={
             "language_level": 3,

@@ -55,6 +55,7 @@ from citycard.card import (
     Terminal,
     VirtualCard,
     VpcdLink,
+    crypto,
     personalize,
     profile_from_json,
 )
@@ -107,6 +108,8 @@ def _machine() -> dict[str, object]:
         "python": platform.python_version(),
         "pyscard": importlib.metadata.version("pyscard"),
         "cryptography": importlib.metadata.version("cryptography"),
+        # "compiled" (card/_des.pyx) or "python" (its twin; CITYCARD_NO_EXTENSIONS=1)
+        "des": crypto.IMPLEMENTATION,
         "orjson": _version_or_none("orjson"),  # the card's journal encoder; None: the stdlib's
         "platform": platform.platform(),
     }

@@ -75,6 +75,7 @@ class VirtualCard:
         self._start = image.to_bytes()
         self._saved_since_start: dict[str, Any] = {}
         self._ciphers = CipherCache(CARD_CIPHERS_MAX)
+        self._purchase_session: DesCipher | None = None  # see purchase_session_cipher
         self.atr = ATR
         self.reset()
 
@@ -113,6 +114,19 @@ class VirtualCard:
     def cipher(self, key: bytes) -> DesCipher:
         """A ready cipher for one of the card's own (long-lived) keys."""
         return self._ciphers.get(key)
+
+    def purchase_session_cipher(self, session_key8: bytes) -> DesCipher:
+        """The card's one cipher for purchase session keys, re-keyed for this session.
+
+        A purchase session key lives for one DEBIT and is never kept past it, so one cipher re-keyed in
+        place serves them all (the compiled DesCipher re-keys its context without allocating; opening
+        a context per session was the largest crypto cost of a purchase). Valid until the next call.
+        """
+        if self._purchase_session is None:
+            self._purchase_session = DesCipher(session_key8)
+        else:
+            self._purchase_session.rekey(session_key8)
+        return self._purchase_session
 
     def random(self, count: int) -> bytes:
         value = self._random(count)

@@ -10,28 +10,41 @@ card-standards.md §2.4 (checked in tests/card/test_crypto.py):
 * diversification: left = 3DES(MK, factor), right = 3DES(MK, NOT factor).
 
 `DesCipher` is one key with its cipher context kept open. Opening an OpenSSL context costs about
-6-10 µs, encrypting through an open one about 1 µs, and a PBOC operation is one to four blocks; so
-whoever uses a key more than once keeps its `DesCipher` (the card per card key, the SAM per card it
-serves, both per session key) and `CipherCache` bounds such a collection. The module-level
-functions are the same operations for a key used once.
+6-10 µs through `cryptography` (1-2 µs compiled), encrypting through an open one about 1 µs, and a
+PBOC operation is one to four blocks; so whoever uses a key more than once keeps its `DesCipher`
+(the card per card key, the SAM per card it serves) and `CipherCache` bounds such a collection,
+and whoever goes through many short-lived keys (purchase session keys) keeps one and `rekey`s it.
+The module-level functions are the same operations for a key used once.
 
 `cryptography` deprecates 8- and 16-byte TripleDES keys; we always hand it the 24-byte form
 (K1 K2 K1 for 2-key 3DES, K K K for single DES), which computes the same function.
+
+Two implementations, one API (the aiohttp / propcache pattern): `DesCipher` is the compiled
+`card/_des.pyx` (one libcrypto EVP context per cipher, keyed from C in ~1 µs, the MAC loop in C)
+when it is built, and `PyDesCipher` below, its pure-Python twin over `cryptography`, otherwise or
+when `CITYCARD_NO_EXTENSIONS=1` is set at import time. `IMPLEMENTATION` says which one serves. Both
+compute the same bytes (tests/card/test_crypto.py runs every case on both and compares them on random
+input); the twin stays because it is small, obviously built on a reviewed library, and the reference
+the compiled one is checked against.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 __all__ = [
     "BLOCK_BYTES",
+    "IMPLEMENTATION",
     "MAC_BYTES",
     "CipherCache",
     "DesCipher",
+    "PyDesCipher",
     "des_encrypt",
     "diversification_factor",
     "diversify",
@@ -66,7 +79,7 @@ def _blocks(data: bytes) -> None:
         raise ValueError("ECB input must be a non-empty multiple of 8 bytes")
 
 
-class DesCipher:
+class PyDesCipher:
     """One single-DES (8-byte) or 2-key 3DES (16-byte) key, ready to use. The key never shows in repr.
 
     A 16-byte key (application and master keys) encrypts blocks: it keeps one ECB context that is
@@ -83,11 +96,11 @@ class DesCipher:
     __slots__ = ("_cbc_last", "_encrypt_cbc", "_encrypt_ecb", "key_bytes")
 
     def __init__(self, key: bytes) -> None:
+        algorithm = TripleDES(_key24(key))  # first: a wrong key size leaves a re-keyed cipher as it was
         self.key_bytes = len(key)
         self._encrypt_ecb: Callable[[bytes], bytes] | None = None
         self._encrypt_cbc: Callable[[bytes], bytes] | None = None
         self._cbc_last = ZERO_IV  # what the CBC context chains on from: its IV, then its last output
-        algorithm = TripleDES(_key24(key))
         if self.key_bytes == SINGLE_KEY_BYTES:
             self._encrypt_cbc = Cipher(algorithm, _CBC_ZERO_IV).encryptor().update
         else:
@@ -95,6 +108,10 @@ class DesCipher:
 
     def __repr__(self) -> str:
         return f"DesCipher(<{self.key_bytes}-byte key redacted>)"
+
+    def rekey(self, key: bytes) -> None:
+        """Use `key` from now on (the compiled twin re-keys its context in place; this opens new ones)."""
+        PyDesCipher.__init__(self, key)
 
     def encrypt(self, data: bytes) -> bytes:
         """ECB encryption of whole blocks under this 16-byte key."""
@@ -162,10 +179,35 @@ class CipherCache:
         return cipher
 
 
-def tdes_encrypt(key: bytes, data: bytes) -> bytes:
-    """ECB encryption with an 8-byte (single DES) or 16-byte (2-key 3DES) key."""
+def _py_ecb_encrypt(key: bytes, data: bytes) -> bytes:
     _blocks(data)
     return Cipher(TripleDES(_key24(key)), _ECB).encryptor().update(data)
+
+
+# The implementation is chosen once, here. A missing build falls back to the twin, as aiohttp does,
+# so a source checkout works before `make compile`; IMPLEMENTATION (and tests/card/test_crypto.py,
+# which fails on it) keep that fallback from going unnoticed.
+# For the type checker DesCipher is the twin: the compiled class has the same methods (card/_des.pyi).
+NO_EXTENSIONS = os.environ.get("CITYCARD_NO_EXTENSIONS") == "1"
+if TYPE_CHECKING:
+    DesCipher = PyDesCipher
+    _ecb_encrypt = _py_ecb_encrypt
+    IMPLEMENTATION = "python"
+else:
+    try:
+        if NO_EXTENSIONS:
+            raise ImportError("CITYCARD_NO_EXTENSIONS=1")
+        from ._des import DesCipher
+        from ._des import ecb_encrypt as _ecb_encrypt
+        IMPLEMENTATION = "compiled"
+    except ImportError:
+        DesCipher, _ecb_encrypt = PyDesCipher, _py_ecb_encrypt
+        IMPLEMENTATION = "python"
+
+
+def tdes_encrypt(key: bytes, data: bytes) -> bytes:
+    """ECB encryption with an 8-byte (single DES) or 16-byte (2-key 3DES) key."""
+    return _ecb_encrypt(key, data)
 
 
 def tdes_decrypt(key: bytes, data: bytes) -> bytes:

@@ -394,7 +394,8 @@ def debit_for_purchase(card: VirtualCard, command: Command, pending: object) -> 
     terminal_seq, date_time, mac1 = data[0:4], data[4:11], data[11:15]
     _require_bcd(date_time)
     s = pending
-    session = DesCipher(s.purchase_key.session_key(s.card_random + _u16(s.counter) + terminal_seq[2:4]))
+    session = card.purchase_session_cipher(
+        s.purchase_key.session_key(s.card_random + _u16(s.counter) + terminal_seq[2:4]))
     amount = _u32(s.amount_fen)
     amount_type_terminal = amount + bytes((s.tx_type,)) + s.terminal_id  # how MAC1 and TAC both begin
     if not macs_equal(session.mac(amount_type_terminal + date_time), mac1):

@@ -178,6 +178,7 @@ class SoftSam:
         self.terminal_id = bytes(terminal_id)
         self._next_seq = next_terminal_seq
         self._session: _Session | None = None
+        self._session_cipher: DesCipher | None = None  # the purchase session key's, re-keyed per session
         self._ciphers = CipherCache(SAM_CIPHERS_MAX)
 
     def __repr__(self) -> str:
@@ -196,7 +197,15 @@ class SoftSam:
         self._next_seq += 1
         dpk = self._ciphers.get(master.value.reveal()).diversify(diversification_factor(request.app_serial))
         block = request.card_random + request.offline_counter.to_bytes(2, "big") + _u32(seq)[2:4]
-        session = DesCipher(self._ciphers.get(dpk).session_key(block))
+        # One cipher re-keyed in place per session (see VirtualCard.purchase_session_cipher); the old
+        # session is dropped first, so a failure below can never leave it pointing at the new key.
+        self._session = None
+        session_key8 = self._ciphers.get(dpk).session_key(block)
+        session = self._session_cipher
+        if session is None:
+            session = self._session_cipher = DesCipher(session_key8)
+        else:
+            session.rekey(session_key8)
         mac1 = session.mac(_u32(request.amount_fen) + bytes((request.tx_type,)) + self.terminal_id
                            + _date_time(request.date_time))
         self._session = _Session(session, request.amount_fen)
