@@ -28,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     card_commands = card_parser.add_subparsers(dest="card_command", required=True, metavar="CARD_COMMAND")
     _register_optional("citycard.card.cli", card_commands)
     _register_optional("citycard.commands.cards", card_commands)
+    _register_optional("citycard.commands.card_activation", card_commands)
 
     for module in ("citycard.commands.person", "citycard.commands.employer", "citycard.commands.lifecycle",
-                   "citycard.commands.denylist", "citycard.commands.audit", "citycard.commands.serve"):
+                   "citycard.commands.denylist", "citycard.commands.audit", "citycard.commands.serve",
+                   "citycard.commands.roster", "citycard.commands.batch", "citycard.commands.medical"):
         _register_optional(module, commands)
     return parser
 

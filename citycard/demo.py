@@ -157,11 +157,27 @@ def _more_acts(data: Path, console: Console) -> bool:
     if lifecycle is not None:
         console.rule("[bold]Cards and their lifecycle")
         lifecycle.run_lifecycle_demo(_fresh(data / "demo-lifecycle"), console.print)
+    production = _optional("citycard.production_demo")
+    if production is not None:
+        console.rule("[bold]Card production: a small employer's batch from roster to activated cards")
+        production.run_production_demo(_fresh(data / "demo-production"), console.print)
     grpc_act = _optional("citycard.grpc_demo")
     if grpc_act is not None:
         console.rule("[bold]The gRPC platform: the server, its plugins, and a plugin out of scope")
         grpc_act.run_grpc_demo(_fresh(data / "demo-grpc"),
                                lambda line: console.print(line, markup=False, highlight=False))
+    medical = _optional("citycard.medical_demo")
+    if medical is not None:
+        console.rule("[bold]The medical application: settlement at the counter through the card and gRPC")
+        from citycard.card.pcscd import PcscdError
+        from citycard.card.vpcd import VpcdError
+
+        try:
+            medical.run_medical_demo(_fresh(data / "demo-medical"),
+                                     lambda line: console.print(line, markup=False, highlight=False))
+        except (PcscdError, VpcdError) as failure:
+            console.print(f"[red]The medical act could not run: {failure}.[/]")
+            return False
     card = _optional("citycard.card.demo")
     if card is not None:
         console.rule("[bold]The card itself: a virtual CPU card through real PC/SC")

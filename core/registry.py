@@ -113,6 +113,7 @@ NATIONALITY_DEFAULT = "CHN"
 CARD_NUMBER_TRIES_MAX = 1000  # generated numbers skip numbers taken by migrated cards
 CARD_ID_RID = "D156000005"  # the MOHRSS registered application provider id, after the region code
 HISTORY_ROWS_MAX = 10_000
+EMPLOYERS_REMEMBERED_MAX = 100_000
 CARDS_PER_HOLDER_MAX = 1000
 
 # Accounts the registry opens once, in its first write: where contributions come from, where loads
@@ -139,6 +140,7 @@ class Registry(LifecycleOperations):
         self.calendar = calendar if calendar is not None else load_calendar(self.settings)
         self._lock_fd = lock_fd
         self._calendar_warnings_logged: set[str] = set()
+        self._employers_seen: dict[str, Employer] = {}
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike[str], *, create: bool = True, write: bool = True) -> Registry:
@@ -173,6 +175,11 @@ class Registry(LifecycleOperations):
         self.close()
 
     # -- units of work ------------------------------------------------------------------------------
+
+    def begin(self, at: _dt.datetime | None = None) -> Stage:
+        """A unit of work for a caller that commits many registry operations as one (a production
+        batch): pass it to the ``stage_*`` methods, add the caller's own rows, then ``commit`` it."""
+        return self._begin(as_instant(at))
 
     def _begin(self, at: _dt.datetime) -> Stage:
         """A new unit of work; the registry's first one also opens the system accounts."""
@@ -209,12 +216,20 @@ class Registry(LifecycleOperations):
         return employer
 
     def employer(self, unit_code: str) -> Employer:
+        known = self._employers_seen.get(unit_code)
+        if known is not None:
+            return known
         code = checked_unit_code(unit_code)
         found = self._read(EMPLOYERS, code.encode("ascii"))
         if found is None:
             raise RegistryError("unit_code", "no employer with this unit code", subject=f"employer {code}",
                                 code=ErrorCode.NOT_FOUND)
-        return stored_record(Employer, found, f"employer {code}")
+        employer = stored_record(Employer, found, f"employer {code}")
+        if len(self._employers_seen) < EMPLOYERS_REMEMBERED_MAX:
+            # An employer record never changes once added, so what was read stays true; a bulk import
+            # asks for the same few employers a hundred thousand times.
+            self._employers_seen[code] = employer
+        return employer
 
     # -- persons ------------------------------------------------------------------------------------
 
@@ -224,6 +239,22 @@ class Registry(LifecycleOperations):
                    categories: Iterable[Category | str] = (), actor: str,
                    channel: Channel | str = Channel.COUNTER, at: _dt.datetime | None = None) -> Person:
         """Register a person and open the person's medical personal account (MEDICAL), together."""
+        at = as_instant(at)
+        stage = self._begin(at)
+        person = self.stage_person(
+            stage, id_number=id_number, name=name, gender=gender, date_of_birth=date_of_birth, residence=residence,
+            household_registration=household_registration, status=status, nationality=nationality,
+            employer=employer, categories=categories, actor=actor, channel=channel, at=at)
+        stage.commit("registering a person")
+        return person
+
+    def stage_person(self, stage: Stage, *, id_number: str, name: str, gender: Gender | str,
+                     date_of_birth: _dt.date | str, residence: str, household_registration: str,
+                     status: PersonStatus | str, nationality: str = NATIONALITY_DEFAULT, employer: str | None = None,
+                     categories: Iterable[Category | str] = (), actor: str, channel: Channel | str = Channel.COUNTER,
+                     at: _dt.datetime, audit: bool = True) -> Person:
+        """``add_person`` staged in the caller's unit of work (see ``begin``); ``audit=False`` leaves
+        the audit entry to the caller, who records one for the whole lot."""
         at = as_instant(at)
         channel = check_actor(actor, channel)
         birth = _parse_date(date_of_birth, "date_of_birth")
@@ -236,7 +267,6 @@ class Registry(LifecycleOperations):
         status = parse_enum(PersonStatus, status, "status", subject)
         unique_categories = sorted({parse_enum(Category, category, "categories", subject) for category in categories})
         unit_code = self._check_person_employer(employer, status, subject)
-        stage = self._begin(at)
         key = citizen.number.encode("ascii")
         if stage.get(PERSONS, key) is not None:
             raise RegistryError("id_number", "is already registered", subject=subject, code=ErrorCode.ALREADY_EXISTS)
@@ -253,11 +283,42 @@ class Registry(LifecycleOperations):
                                "code": AccountKind.PERSON_MEDICAL,
                                "flags": AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS, "owner": seq})
         stage.put_json(PERSONS, key, person.to_json())
-        stage.audit(actor=actor, channel=channel, action="person.add", subject=subject, at=at, details={
-            "status": status.value, "employer": unit_code, "categories": [c.value for c in unique_categories],
-            "medical_account": f"{person.medical_account_id:032x}"})
-        stage.commit("registering a person")
+        if audit:
+            stage.audit(actor=actor, channel=channel, action="person.add", subject=subject, at=at, details={
+                "status": status.value, "employer": unit_code, "categories": [c.value for c in unique_categories],
+                "medical_account": f"{person.medical_account_id:032x}"})
         return person
+
+    def stage_person_update(self, stage: Stage, person: Person, *, name: str, residence: str,
+                            household_registration: str, nationality: str, employer: str | None,
+                            status: PersonStatus | str, actor: str, channel: Channel | str = Channel.COUNTER,
+                            at: _dt.datetime, audit: bool = True) -> Person:
+        """Correct what a person's record says that the ID number does not fix (name, addresses,
+        nationality, employer, status), staged in the caller's unit of work. The ID number, and so the
+        birth date, gender and medical account, never change."""
+        at = as_instant(at)
+        channel = check_actor(actor, channel)
+        try:
+            name = validate_name(name)
+        except IdentityError as exc:
+            raise from_identity_error(exc) from None
+        status = parse_enum(PersonStatus, status, "status", person.subject)
+        updated = replace(
+            person, name=name, nationality=_nationality(nationality, person.subject),
+            residence=check_text(residence, "residence", subject=person.subject),
+            household_registration=check_text(household_registration, "household_registration",
+                                              subject=person.subject),
+            employer=self._check_person_employer(employer, status, person.subject), status=status)
+        if updated == person:
+            return person
+        stage.put_json(PERSONS, person.id_number.encode("ascii"), updated.to_json())
+        if audit:
+            changed = [field_name for field_name in ("name", "nationality", "residence", "household_registration",
+                                                     "employer", "status")
+                       if getattr(updated, field_name) != getattr(person, field_name)]
+            stage.audit(actor=actor, channel=channel, action="person.update", subject=person.subject, at=at,
+                        details={"changed": changed})
+        return updated
 
     def _check_person_employer(self, employer: str | None, status: PersonStatus, subject: str) -> str | None:
         if employer is None or not str(employer).strip():
@@ -319,6 +380,28 @@ class Registry(LifecycleOperations):
         stage.commit("issuing a card")
         return card
 
+    def stage_card(self, stage: Stage, holder: Person | str, *, actor: str, channel: Channel | str = Channel.BATCH,
+                   at: _dt.datetime, audit: bool = True) -> Card:
+        """``issue_card`` of a person's card staged in the caller's unit of work (see ``begin``);
+        ``holder`` is the citizen ID or the Person as ``stage_person`` returned it. The one-usable-card
+        rule is checked against what is committed: a caller staging many cards stages at most one per
+        holder."""
+        at = as_instant(at)
+        channel = check_actor(actor, channel)
+        person = holder if isinstance(holder, Person) else self._staged_person(stage, holder)
+        self._refuse_second_usable_card(CardKind.INDIVIDUAL, person.id_number)
+        return self._stage_new_card(stage, kind=CardKind.INDIVIDUAL, holder=person.id_number, actor=actor,
+                                    channel=channel, at=at, audit=audit, person=person)
+
+    def _staged_person(self, stage: Stage, id_number: str) -> Person:
+        """The person as the unit of work sees them: registered before, or staged in it."""
+        number = checked_citizen_id(id_number)
+        found = stage.get_json(PERSONS, number.encode("ascii"))
+        if found is None:
+            raise RegistryError("id_number", "no person with this citizen ID", subject=f"person {mask_id(number)}",
+                                code=ErrorCode.NOT_FOUND)
+        return stored_record(Person, found, f"person {mask_id(number)}")
+
     def card(self, number_or_alias: str) -> Card:
         """A card by its number or by a legacy bar-code or magnetic-stripe number."""
         text = number_or_alias.strip().upper() if isinstance(number_or_alias, str) else ""
@@ -361,6 +444,20 @@ class Registry(LifecycleOperations):
         stage.commit(f"{event.value} of card {card.card_number}")
         return card
 
+    def stage_advance(self, stage: Stage, card: Card, event: CardEvent | str, *, actor: str,
+                      channel: Channel | str = Channel.BATCH, at: _dt.datetime, audit: bool = True,
+                      details: Mapping[str, Any] | None = None) -> Card:
+        """``advance`` staged in the caller's unit of work, for ``card`` as the caller last saw it
+        (a card advanced twice in one unit is passed back in as the first call returned it)."""
+        at = as_instant(at)
+        channel = check_actor(actor, channel)
+        event = parse_enum(CardEvent, event, "event")
+        if event not in PRODUCTION_EVENTS:
+            raise RegistryError("event", f"{event.value} is not a production step "
+                                         f"({', '.join(e.value for e in PRODUCTION_EVENTS)})")
+        return self._stage_transition(stage, card, event, actor=actor, channel=channel, at=at, audit=audit,
+                                      details=details)
+
     def _holder_key(self, kind: CardKind, holder: str) -> str:
         if kind is CardKind.INDIVIDUAL:
             return self.person(holder).id_number
@@ -394,7 +491,8 @@ class Registry(LifecycleOperations):
 
     def _stage_new_card(self, stage: Stage, *, kind: CardKind, holder: str, actor: str, channel: Channel,
                         at: _dt.datetime, aliases: Mapping[str, str] | None = None,
-                        explicit_number: str | None = None, replaces: str | None = None) -> Card:
+                        explicit_number: str | None = None, replaces: str | None = None,
+                        audit: bool = True, person: Person | None = None) -> Card:
         seq = stage.next_seq("card")
         number = explicit_number or self._next_card_number(stage)
         if stage.get(CARDS, number.encode("ascii")) is not None:
@@ -413,13 +511,14 @@ class Registry(LifecycleOperations):
         self._stage_card_rows(stage, card)
         stage.put_json(CARD_HISTORY, history_key(number, 1), _history_row(
             1, None, "issue", CardState.ORDERED, actor, channel, None, at))
-        medical_unfrozen = self._stage_unfreeze_medical(stage, card)
-        stage.audit(actor=actor, channel=channel, action="card.issue", subject=card.subject, at=at, details={
-            "holder": holder, "kind": kind.value, "replaces": replaces, "legacy_aliases": dict(aliases or {}),
-            "purse_account": f"{card.purse_account_id:032x}", "medical_account_unfrozen": medical_unfrozen})
+        medical_unfrozen = self._stage_unfreeze_medical(stage, card, person)
+        if audit:
+            stage.audit(actor=actor, channel=channel, action="card.issue", subject=card.subject, at=at, details={
+                "holder": holder, "kind": kind.value, "replaces": replaces, "legacy_aliases": dict(aliases or {}),
+                "purse_account": f"{card.purse_account_id:032x}", "medical_account_unfrozen": medical_unfrozen})
         if channel is Channel.COUNTER:
             for event in PRODUCTION_EVENTS:
-                card = self._stage_transition(stage, card, event, actor=actor, channel=channel, at=at)
+                card = self._stage_transition(stage, card, event, actor=actor, channel=channel, at=at, audit=audit)
         return card
 
     def _stage_card_rows(self, stage: Stage, card: Card) -> None:
@@ -432,12 +531,14 @@ class Registry(LifecycleOperations):
                            {"card_number": card.card_number, "technology": technology})
         stage.put(TIMERS, _expiry_key(card), b"")
 
-    def _stage_unfreeze_medical(self, stage: Stage, card: Card) -> bool:
+    def _stage_unfreeze_medical(self, stage: Stage, card: Card, person: Person | None = None) -> bool:
         """A person's new card reaches the medical account at once: a freeze left by a written report
         on the old card is lifted in the same transaction."""
         if card.kind is not CardKind.INDIVIDUAL:
             return False
-        account_id = self.person(card.holder).medical_account_id
+        if self.ledger.get(PERSONS, card.holder.encode("ascii")) is None:
+            return False  # registered in this very unit of work: the account opens in it, unfrozen
+        account_id = (person or self._staged_person(stage, card.holder)).medical_account_id
         if not self.account_frozen(account_id):
             return False
         stage.changes.append((account_id, ChangeAction.UNFREEZE))
@@ -459,7 +560,7 @@ class Registry(LifecycleOperations):
 
     def _stage_transition(self, stage: Stage, card: Card, event: CardEvent, *, actor: str, channel: Channel,
                           at: _dt.datetime, reason: str | None = None, updates: Mapping[str, Any] | None = None,
-                          details: Mapping[str, Any] | None = None) -> Card:
+                          details: Mapping[str, Any] | None = None, audit: bool = True) -> Card:
         """Stage one lifecycle transition with everything that goes with it: the card row, its history,
         its timers, its denylist entry and the audit entry. Refused transitions raise, staging nothing
         that could be committed."""
@@ -481,9 +582,10 @@ class Registry(LifecycleOperations):
         version = denylist.stage_state(stage, card_number=card.card_number, card_id_code=card.card_id_code,
                                        state=changed.state, at=at)
         stage.put_json(CARDS, card.card_number.encode("ascii"), changed.to_json())
-        stage.audit(actor=actor, channel=channel, action=f"card.{event.value}", subject=card.subject, at=at,
-                    details={"from": card.state.value, "to": changed.state.value, "reason": transition.reason,
-                             "denylist_version": version, **(details or {})})
+        if audit:
+            stage.audit(actor=actor, channel=channel, action=f"card.{event.value}", subject=card.subject, at=at,
+                        details={"from": card.state.value, "to": changed.state.value, "reason": transition.reason,
+                                 "denylist_version": version, **(details or {})})
         return changed
 
     @staticmethod
