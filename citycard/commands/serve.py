@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import logging
 from pathlib import Path
 
@@ -49,5 +50,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(data_dir=Path(args.data), listen=args.listen, plugins=plugins,
                           tick_interval_s=args.tick_interval, grace_s=args.grace, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, ready_file=args.ready_file)
+    # The medical application keeps its own records beside the core's data (apps/medical/README.md).
+    os.environ.setdefault("CITYCARD_MEDICAL_DIR", str(Path(args.data) / "medical"))
     asyncio.run(serve(config))
     return 0

@@ -39,7 +39,7 @@ def test_serve_starts_the_builtin_plugins_and_stops_everything_on_sigterm(fresh_
         listed = server.applications().ListApplications(applications_pb2.ListApplicationsRequest(),
                                                         metadata=auth(server.operator_token), timeout=CALL_TIMEOUT_S)
         by_name = {app.manifest.name: app for app in listed.applications}
-        assert list(by_name["medical"].manifest.ledgers) == [1]
+        assert list(by_name["medical"].manifest.ledgers) == [1, 2]  # MEDICAL, and PURSE for the e-purse share
         assert list(by_name["transit"].manifest.ledgers) == [2]
         deadline = time.monotonic() + 30
         expected = ("running as application medical", "running as application transit")
