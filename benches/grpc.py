@@ -5,15 +5,34 @@
 1. in-process: the settlement core's batch throughput, batches of 8,189 transfers through
    ``Ledger.create_transfers`` (one fsync each) - the reference.
 2. stream: a real ``citycard serve`` (its own process) and 16 client processes, each with its own connection
-   and one bidirectional CreateTransfersStream, sending requests of --stream-batch transfers as fast as the
-   stream takes them; transfers per second over all of them, and its ratio to (1): ``ratio_stream_to_inprocess``.
-3. unary latency: one client process offering unary CreateTransfers (one transfer each) at a fixed rate
-   (default 2,000 per second, open loop: a late answer does not delay the next request); p50 and p99 from
-   the instant each request was due.
+   and one bidirectional CreateTransfersStream, sending requests of 8,189 transfers in the packed form
+   (``packed_transfers``: 128-byte records, the form for high-volume integrators) as fast as the stream
+   takes them; transfers per second over all of them, and its ratio to (1): ``ratio_stream_to_inprocess``
+   (target >= 0.3). ``stream_messages`` is the same with Transfer messages, 512 a request, for comparison:
+   there the server's own cost is reading the messages' fields (about 2 us a transfer), not the ledger.
+3. unary: CreateTransfers (one transfer each) offered at fixed rates (default 500, 1,000 and 2,000 per
+   second; the last is reported as ``unary``, target p99 < 5 ms) by an open-loop load generator: 2 client
+   processes, each sending at half the rate on its own schedule from a single sender task, so a late answer
+   never delays the next request. Latency runs from the moment a request was sent to its answer;
+   ``send_lag`` says how late the generator itself sent (if it is large the generator, not the server, fell
+   behind; its CPU is reported as ``client_cores_each``). Reported: offered and achieved rates (answered OK
+   per second), answers by status code, p50/p99/max. The first ``--unary-warmup-seconds`` are not counted.
 
 Every transfer is real: its own id, between two accounts of a benchmark application on a ledger it defines.
-Clients send pre-serialized requests so that what is measured is the server. The machine is shared: the
-clients run on the same 2 cores as the server, so these figures are a floor, not a ceiling.
+The unary phases run after the stream phases, against a ledger that holds about 1.2 million transfers.
+Clients send pre-serialized requests so that what is measured is the server, and stay alive until every
+client of their phase is done (an early finisher's teardown would take CPU from the others). Each phase
+reports the CPU the server used and the clients used (in cores), and ``other_cores``: everything else on
+the machine (other work sharing it, kernel threads), because the clients run on the same cores as the server.
+
+What the unary figures mean on a small machine. grpcio costs about 0.5 ms of CPU per unary call on each side
+on the reference VM (2 cores) even with a handler that does nothing, and the server's event loop is one
+thread: at 2,000 calls per second the server and the load generator together need both cores before the
+ledger does anything. Past the rate the machine can carry, latency is queueing, and calls pile up in grpc
+core in front of the event loop; past 1,000 of them grpc core starts shedding new calls (all past 3,000),
+which end CANCELLED at the client (grpc's "too many pending requests" backlog protection: neither the
+writer nor client deadlines).
+The sweep shows the rate up to which the server keeps p99 under 5 ms on the machine at hand.
 """
 
 from __future__ import annotations
@@ -24,11 +43,14 @@ import json
 import multiprocessing
 import os
 import shutil
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,26 +59,71 @@ BENCH_LEDGER = 16
 BATCH = 8189
 STREAM_METHOD = "/citycard.v1.Ledger/CreateTransfersStream"
 UNARY_METHOD = "/citycard.v1.Ledger/CreateTransfers"
+RESULT_TIMEOUT_S = 600  # what a phase may take at most before the run gives up
+UNARY_DEADLINE_S = 10.0
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+# -- CPU accounting --------------------------------------------------------------------------------------------
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (not idle, not waiting for I/O), all cores."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / CLOCK_TICKS_PER_S
+
+
+class CpuWatch:
+    """CPU used during a phase: by the server, and by everything else on the machine except the phase's
+    own clients (they report their own)."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self._server0 = process_cpu_s(server_pid)
+        self._busy0 = machine_busy_s()
+        self._wall0 = time.perf_counter()
+
+    def report(self, clients_cpu_s: float) -> dict[str, float]:
+        wall = time.perf_counter() - self._wall0
+        server = process_cpu_s(self.server_pid) - self._server0
+        busy = machine_busy_s() - self._busy0
+        return {"server_cores": round(server / wall, 2), "clients_cores": round(clients_cpu_s / wall, 2),
+                "other_cores": round(max(0.0, busy - server - clients_cpu_s) / wall, 2)}
 
 
 # -- 1. in-process reference -------------------------------------------------------------------------------
 
+def bench_batches(count: int, per_batch: int, first_id: int, debit: int, credit: int) -> list[np.ndarray]:
+    """``count`` TRANSFER_DTYPE batches of fresh transfers from ``debit`` to ``credit`` (1 fen each)."""
+    from citycard.core.records import TRANSFER_DTYPE
+
+    batches = []
+    for index in range(count):
+        batch = np.zeros(per_batch, dtype=TRANSFER_DTYPE)
+        batch["id"][:, 0] = first_id + index * per_batch + np.arange(per_batch)
+        for field, account in (("debit_account_id", debit), ("credit_account_id", credit)):
+            batch[field][:, 0] = account & (2**64 - 1)
+            batch[field][:, 1] = account >> 64
+        batch["amount"], batch["ledger"], batch["code"] = 1, BENCH_LEDGER, 1
+        batches.append(batch)
+    return batches
+
+
 def inprocess(directory: Path, batches: int) -> dict:
     from citycard.core.ledger import Ledger, accounts_array
-    from citycard.core.records import TRANSFER_DTYPE, AccountKind
+    from citycard.core.records import AccountKind
 
     with Ledger(directory / "inprocess") as ledger:
         ledger.register_ledger(BENCH_LEDGER, "BENCH", [(1, 0, 0)])
         ledger.create_accounts(accounts_array([{"id": n, "ledger": BENCH_LEDGER, "code": AccountKind.OPERATOR_SETTLEMENT}
                                                for n in (1, 2)]))
-        work = []
-        for index in range(batches):
-            batch = np.zeros(BATCH, dtype=TRANSFER_DTYPE)
-            batch["id"][:, 0] = np.arange(1, BATCH + 1) + index * BATCH
-            batch["debit_account_id"][:, 0] = 1
-            batch["credit_account_id"][:, 0] = 2
-            batch["amount"], batch["ledger"], batch["code"] = 1, BENCH_LEDGER, 1
-            work.append(batch)
+        work = bench_batches(batches, BATCH, 1, 1, 2)
         started = time.perf_counter()
         for batch in work:
             results = ledger.create_transfers(batch)
@@ -68,17 +135,16 @@ def inprocess(directory: Path, batches: int) -> dict:
 
 # -- the server and the benchmark application ----------------------------------------------------------------
 
-def start_server(directory: Path) -> tuple[object, dict]:
-    import subprocess
-
+def start_server(directory: Path) -> tuple[subprocess.Popen[bytes], dict]:
     ready = directory / "ready.json"
-    log = open(directory / "server.log", "ab")  # noqa: SIM115
-    process = subprocess.Popen([sys.executable, "-m", "citycard.server", "--data", str(directory / "data"),
-                                "--listen", "127.0.0.1:0", "--plugins", "", "--ready-file", str(ready),
-                                "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    with open(directory / "server.log", "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "citycard.server", "--data", str(directory / "data"),
+                                    "--listen", "127.0.0.1:0", "--plugins", "", "--ready-file", str(ready),
+                                    "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
             raise SystemExit(f"the server did not start; see {directory / 'server.log'}")
         time.sleep(0.05)
     return process, json.loads(ready.read_text())
@@ -103,7 +169,7 @@ def register_bench_app(address: str, operator_token: str) -> tuple[str, str, str
     return answer.bearer_token, accounts["a"], accounts["b"]
 
 
-def transfers(first_id: int, count: int, debit: str, credit: str) -> list:
+def transfer_messages(first_id: int, count: int, debit: str, credit: str) -> list:
     from citycard.v1 import ledger_pb2
 
     return [ledger_pb2.Transfer(id=f"{first_id + n:x}", debit_account_id=debit, credit_account_id=credit, amount_fen=1,
@@ -112,101 +178,160 @@ def transfers(first_id: int, count: int, debit: str, credit: str) -> list:
 
 # -- 2. the stream from 16 processes -------------------------------------------------------------------------
 
-def stream_client(index: int, address: str, token: str, debit: str, credit: str, requests: int, per_request: int,
-                  barrier, results) -> None:
+def stream_payloads(index: int, form: str, debit: str, credit: str, requests: int, per_request: int) -> list[bytes]:
+    from citycard.v1 import ledger_pb2
+
+    first = ((1 if form == "packed" else 2) << 48) | ((index + 1) << 40)  # ids of their own for every client
+    if form == "packed":
+        batches = bench_batches(requests, per_request, first, int(debit, 16), int(credit, 16))
+        return [ledger_pb2.CreateTransfersStreamRequest(request_id=r, packed_transfers=batch.tobytes()).SerializeToString()
+                for r, batch in enumerate(batches)]
+    return [ledger_pb2.CreateTransfersStreamRequest(
+        request_id=r, transfers=transfer_messages(first + r * per_request, per_request, debit, credit)).SerializeToString()
+        for r in range(requests)]
+
+
+def stream_client(index: int, address: str, token: str, form: str, debit: str, credit: str, requests: int,
+                  per_request: int, barrier: Any, results: Any) -> None:
     import grpc
 
     from citycard.v1 import ledger_pb2
 
-    first = (index + 1) << 40
-    payloads = [ledger_pb2.CreateTransfersStreamRequest(
-        request_id=r, transfers=transfers(first + r * per_request, per_request, debit, credit)).SerializeToString()
-        for r in range(requests)]
+    payloads = stream_payloads(index, form, debit, credit, requests, per_request)
     with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 8 << 20)]) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         call = channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=None)
         barrier.wait()
-        started = time.time()
+        cpu0, started = time.process_time(), time.perf_counter()
         failed = 0
-        for raw in call(iter(payloads), metadata=[("authorization", f"Bearer {token}")], timeout=600):
+        for raw in call(iter(payloads), metadata=[("authorization", f"Bearer {token}")], timeout=RESULT_TIMEOUT_S):
             failed += len(ledger_pb2.CreateTransfersStreamResponse.FromString(raw).errors)
-        results.put((index, started, time.time(), requests * per_request, failed))
+        results.put((started, time.perf_counter(), requests * per_request, failed, time.process_time() - cpu0))
+        barrier.wait()  # exit only when all are done: a client's teardown would take CPU from the others
 
 
-def stream(address: str, token: str, debit: str, credit: str, clients: int, requests: int, per_request: int) -> dict:
+def stream(server_pid: int, address: str, token: str, form: str, debit: str, credit: str, clients: int,
+           requests: int, per_request: int) -> dict:
     context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(clients)
+    barrier = context.Barrier(clients + 1)
     results = context.Queue()
-    workers = [context.Process(target=stream_client, args=(i, address, token, debit, credit, requests, per_request,
-                                                           barrier, results)) for i in range(clients)]
+    workers = [context.Process(target=stream_client, args=(i, address, token, form, debit, credit, requests,
+                                                           per_request, barrier, results)) for i in range(clients)]
     for worker in workers:
         worker.start()
-    rows = [results.get(timeout=900) for _ in workers]
+    barrier.wait(timeout=RESULT_TIMEOUT_S)  # every client has built its payloads and connected
+    watch = CpuWatch(server_pid)
+    rows = [results.get(timeout=RESULT_TIMEOUT_S) for _ in workers]
+    cpu = watch.report(sum(row[4] for row in rows))
+    barrier.wait(timeout=RESULT_TIMEOUT_S)
     for worker in workers:
         worker.join()
-    started, ended = min(row[1] for row in rows), max(row[2] for row in rows)
-    total, failed = sum(row[3] for row in rows), sum(row[4] for row in rows)
+    started, ended = min(row[0] for row in rows), max(row[1] for row in rows)
+    total, failed = sum(row[2] for row in rows), sum(row[3] for row in rows)
     if failed:
-        raise SystemExit(f"stream: {failed} transfers failed")
-    return {"clients": clients, "requests_per_client": requests, "transfers_per_request": per_request,
-            "transfers": total, "seconds": round(ended - started, 3), "transfers_per_s": round(total / (ended - started))}
+        raise SystemExit(f"stream ({form}): {failed} transfers failed")
+    return {"form": form, "clients": clients, "requests_per_client": requests, "transfers_per_request": per_request,
+            "transfers": total, "seconds": round(ended - started, 3), "transfers_per_s": round(total / (ended - started)),
+            **cpu}
 
 
-# -- 3. unary latency at a fixed offered rate ------------------------------------------------------------------
+# -- 3. unary calls offered at a fixed rate --------------------------------------------------------------------
 
-def unary_client(address: str, token: str, debit: str, credit: str, rate: int, seconds: float, results) -> None:
-    import grpc
-
+def unary_payloads(first_id: int, count: int, debit: str, credit: str) -> list[bytes]:
     from citycard.v1 import ledger_pb2
 
-    count = int(rate * seconds)
-    first = 1 << 56
-    payloads = [ledger_pb2.CreateTransfersRequest(transfers=transfers(first + n, 1, debit, credit)).SerializeToString()
-                for n in range(count)]
-    metadata = (("authorization", f"Bearer {token}"),)
+    return [ledger_pb2.CreateTransfersRequest(transfers=transfer_messages(first_id + n, 1, debit, credit)).SerializeToString()
+            for n in range(count)]
 
-    async def run() -> tuple[list[float], int, float]:
+
+async def offer(call: Callable[..., Any], payloads: list[bytes], rate: float, start_at: float, warmup: int,
+                metadata: tuple[tuple[str, str], ...]) -> dict:
+    """Send ``payloads[n]`` at ``start_at + n / rate`` (time.perf_counter), whatever the answers do, and
+    time each answer from its send. The first ``warmup`` requests are sent but not counted."""
+    import grpc
+
+    loop = asyncio.get_running_loop()
+    count = len(payloads)
+    due = start_at + np.arange(count) / rate
+    sent = np.full(count, np.nan)
+    answered = np.full(count, np.nan)
+    statuses: list[str] = ["?"] * count
+
+    async def one(n: int) -> None:
+        sent[n] = time.perf_counter()
+        try:
+            await call(payloads[n], metadata=metadata, timeout=UNARY_DEADLINE_S)
+            statuses[n] = "OK"
+        except grpc.aio.AioRpcError as exc:
+            statuses[n] = exc.code().name
+        answered[n] = time.perf_counter()
+
+    tasks = []
+    n = 0
+    cpu0 = time.process_time()
+    while n < count:
+        now = time.perf_counter()
+        while n < count and due[n] <= now:  # everything due (more than one only if this loop was late)
+            tasks.append(loop.create_task(one(n)))
+            n += 1
+        if n < count:
+            await asyncio.sleep(due[n] - time.perf_counter())
+    await asyncio.gather(*tasks)
+    counted = slice(warmup, count)
+    return {"latency_s": (answered - sent)[counted], "send_lag_s": (sent - due)[counted],
+            "statuses": statuses[counted], "span_s": float(np.nanmax(answered[counted]) - due[warmup]),
+            "cpu_s": time.process_time() - cpu0}
+
+
+def unary_client(address: str, token: str, payloads: list[bytes], rate: float, start_at: float, warmup: int,
+                 results: Any, finished: Any) -> None:
+    import grpc
+
+    async def run() -> dict:
         async with grpc.aio.insecure_channel(address) as channel:
             await channel.channel_ready()
             call = channel.unary_unary(UNARY_METHOD, request_serializer=None, response_deserializer=None)
-            latencies: list[float] = []
-            failures = 0
-            codes: dict[str, int] = {}
-            loop = asyncio.get_running_loop()
-            start = loop.time() + 0.2
+            return await offer(call, payloads, rate, start_at, warmup, (("authorization", f"Bearer {token}"),))
 
-            async def one(n: int) -> None:
-                nonlocal failures
-                due = start + n / rate
-                delay = due - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                try:
-                    raw = await call(payloads[n], metadata=metadata, timeout=30)
-                    failures += len(ledger_pb2.CreateTransfersResponse.FromString(raw).errors)
-                except grpc.aio.AioRpcError as exc:
-                    failures += 1
-                    codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
-                latencies.append(loop.time() - due)
-
-            await asyncio.gather(*(one(n) for n in range(count)))
-            return latencies, {"failed": failures, "refusals": codes}, loop.time() - start
-
-    latencies, failures, elapsed = asyncio.run(run())
-    results.put((latencies, failures, elapsed))
+    results.put(asyncio.run(run()))
+    finished.wait()  # exit only when all are done: a client's teardown would take CPU from the others
 
 
-def unary(address: str, token: str, debit: str, credit: str, rate: int, seconds: float) -> dict:
+def unary(server_pid: int, address: str, token: str, debit: str, credit: str, rate: int, seconds: float,
+          warmup_s: float, clients: int, first_id: int) -> dict:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    worker = context.Process(target=unary_client, args=(address, token, debit, credit, rate, seconds, results))
-    worker.start()
-    latencies, failures, elapsed = results.get(timeout=600)
-    worker.join()
-    ms = sorted(latency * 1000 for latency in latencies)
-    return {"offered_per_s": rate, "requests": len(ms), **failures,
-            "achieved_per_s": round(len(ms) / elapsed), "p50_ms": round(statistics.median(ms), 3),
-            "p99_ms": round(ms[int(len(ms) * 0.99) - 1], 3), "max_ms": round(ms[-1], 3)}
+    finished = context.Barrier(clients + 1)
+    per_client = rate / clients
+    warmup = int(per_client * warmup_s)
+    count = warmup + int(per_client * seconds)
+    start_at = time.perf_counter() + 3.0  # CLOCK_MONOTONIC: the same clock in every process on this machine
+    workers = [context.Process(target=unary_client, args=(
+        address, token, unary_payloads(first_id + c * count, count, debit, credit), per_client,
+        start_at + c / rate, warmup, results, finished)) for c in range(clients)]  # interleaved: one send every 1/rate
+    for worker in workers:
+        worker.start()
+    time.sleep(max(0.0, start_at + warmup_s - time.perf_counter()))
+    watch = CpuWatch(server_pid)
+    rows = [results.get(timeout=RESULT_TIMEOUT_S) for _ in workers]
+    cpu = watch.report(sum(row["cpu_s"] for row in rows))
+    finished.wait(timeout=RESULT_TIMEOUT_S)
+    for worker in workers:
+        worker.join()
+    latency_ms = np.concatenate([row["latency_s"] for row in rows]) * 1000
+    lag_ms = np.concatenate([row["send_lag_s"] for row in rows]) * 1000
+    statuses = Counter(status for row in rows for status in row["statuses"])
+    span = max(row["span_s"] for row in rows)
+    ok = statuses.get("OK", 0)
+    cpu["client_cores_each"] = [round(row["cpu_s"] / span, 2) for row in rows]
+
+    def ms(values: np.ndarray, percentile: float) -> float:
+        return round(float(np.percentile(values, percentile)), 3)
+
+    return {"offered_per_s": rate, "clients": clients, "requests": len(latency_ms), "statuses": dict(statuses),
+            "achieved_per_s": round(ok / span), "p50_ms": ms(latency_ms, 50), "p99_ms": ms(latency_ms, 99),
+            "max_ms": ms(latency_ms, 100), "send_lag_p50_ms": ms(lag_ms, 50), "send_lag_p99_ms": ms(lag_ms, 99),
+            **cpu}
 
 
 def machine() -> dict:
@@ -221,39 +346,60 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--dir", default="var/bench")
-    parser.add_argument("--inprocess-batches", type=int, default=20)
+    parser.add_argument("--inprocess-batches", type=int, default=60)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--stream-requests", type=int, default=40)
-    parser.add_argument("--stream-batch", type=int, default=512)
-    parser.add_argument("--unary-rate", type=int, default=2000)
+    parser.add_argument("--stream-requests", type=int, default=8, help="packed requests of 8,189 per client")
+    parser.add_argument("--stream-message-requests", type=int, default=10,
+                        help="requests of 512 Transfer messages per client (0: skip that comparison)")
+    parser.add_argument("--unary-rate", default="500,1000,2000",
+                        help="offered calls per second, comma-separated; the last is the one reported as `unary`")
     parser.add_argument("--unary-seconds", type=float, default=5.0)
+    parser.add_argument("--unary-warmup-seconds", type=float, default=0.5)
+    parser.add_argument("--unary-clients", type=int, default=2)
     args = parser.parse_args()
+    rates = [int(rate) for rate in args.unary_rate.split(",")]
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="grpc-", dir=args.dir))
     try:
         reference = inprocess(scratch, args.inprocess_batches)
         process, ready = start_server(scratch)
         try:
+            address = ready["address"]
             operator = Path(ready["operator_token_file"]).read_text().strip()
-            token, debit, credit = register_bench_app(ready["address"], operator)
-            streamed = stream(ready["address"], token, debit, credit, args.clients, args.stream_requests,
-                              args.stream_batch)
-            latency = unary(ready["address"], token, debit, credit, args.unary_rate, args.unary_seconds)
+            token, debit, credit = register_bench_app(address, operator)
+            streamed = stream(process.pid, address, token, "packed", debit, credit, args.clients, args.stream_requests,
+                              BATCH)
+            messages = None
+            if args.stream_message_requests:
+                messages = stream(process.pid, address, token, "messages", debit, credit, args.clients,
+                                  args.stream_message_requests, 512)
+            sweep = [unary(process.pid, address, token, debit, credit, rate, args.unary_seconds,
+                           args.unary_warmup_seconds, args.unary_clients, (n + 1) << 56) for n, rate in enumerate(rates)]
         finally:
             process.terminate()
             process.wait(60)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = {"machine": machine(), "inprocess": reference, "stream": streamed, "unary": latency,
+    report = {"machine": machine(), "inprocess": reference, "stream": streamed, "stream_messages": messages,
+              "unary": sweep[-1], "unary_sweep": sweep,
               "ratio_stream_to_inprocess": round(streamed["transfers_per_s"] / reference["transfers_per_s"], 3),
               "targets": {"ratio_stream_to_inprocess_min": 0.3, "unary_p99_ms_max": 5.0}}
+    if messages:
+        report["ratio_stream_messages_to_inprocess"] = round(messages["transfers_per_s"] / reference["transfers_per_s"], 3)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"in-process batches : {reference['transfers_per_s']:>10,} transfers/s")
-        print(f"gRPC stream ({args.clients} procs): {streamed['transfers_per_s']:>10,} transfers/s  "
+        print(f"in-process batches      : {reference['transfers_per_s']:>10,} transfers/s")
+        print(f"stream, packed ({args.clients} procs): {streamed['transfers_per_s']:>10,} transfers/s  "
               f"ratio {report['ratio_stream_to_inprocess']}")
-        print(f"unary at {latency['offered_per_s']}/s     : p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms")
+        if messages:
+            print(f"stream, messages        : {messages['transfers_per_s']:>10,} transfers/s  "
+                  f"ratio {report['ratio_stream_messages_to_inprocess']}")
+        for result in sweep:
+            print(f"unary offered {result['offered_per_s']:>5}/s  : achieved {result['achieved_per_s']}/s, "
+                  f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, {result['statuses']}, "
+                  f"server {result['server_cores']} cores, clients {result['clients_cores']}, "
+                  f"others {result['other_cores']}")
     return 0
 
 

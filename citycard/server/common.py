@@ -39,11 +39,20 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+# Refusals that say "not now" rather than "not this": they come in floods exactly when the server is busiest,
+# so they are logged at DEBUG only; the writer counts them (WriterStats.refused_full, .dropped) and the
+# count is logged at shutdown. Every other refusal (credentials, scope, bad input) is logged at INFO.
+_LOAD_SHEDDING = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.UNAVAILABLE})
+
+
 async def refuse(context: grpc.aio.ServicerContext, method: str, principal: Principal | None,
                  exc: BaseException) -> None:
     code, reason = classify(exc)
-    log.info("refused", extra={"method": method, "principal": str(principal) if principal else "-",
-                               "code": code.name, "reason": reason, "detail": str(exc)[:300]})
+    level = logging.DEBUG if code in _LOAD_SHEDDING else logging.INFO
+    if log.isEnabledFor(level):
+        log.log(level, "refused", extra={"method": method, "principal": str(principal) if principal else "-",
+                                         "code": code.name, "reason": reason, "detail": str(exc)[:300]})
     status = to_status(exc)
     await context.abort(status.code, status.details, status.trailing_metadata)
 

@@ -1,10 +1,15 @@
 """citycard.v1.Ledger: transfers in (unary and streamed, through the group-committing writer), accounts,
-transfers and balances out. Only translation and scope checks live here; the ledger decides everything else."""
+transfers and balances out. Only translation and scope checks live here; the ledger decides everything else.
+
+The write paths are the server's hot paths, so they stay lean: no log line per request (refusals only),
+one vectorised conversion and scope check per request whatever its size, and the writer's future awaited
+directly (no task per request)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,25 +34,40 @@ from citycard.server.convert import (
     timestamp_ns,
     transfer_messages,
     transfers_from_messages,
+    transfers_from_packed,
 )
 from citycard.server.errors import FieldError, NotFound, PermissionDenied
 from citycard.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
-__all__ = ["STREAM_WINDOW", "LedgerService"]
+__all__ = ["STREAM_WINDOW_EVENTS", "STREAM_WINDOW_REQUESTS", "LedgerService"]
 
-# Requests of one stream in flight at once; past it the server stops reading the stream, and HTTP/2 flow
-# control holds the sender back. Enough to keep the writer's next batch filling while one is on disk.
-STREAM_WINDOW = 8
+# How much of one stream may be in flight (read, not yet answered); past either limit the server stops
+# reading the stream, and HTTP/2 flow control holds the sender back. Two full batches: one on its way to
+# disk while the next fills, so a single busy stream keeps the writer busy.
+STREAM_WINDOW_REQUESTS = 8
+STREAM_WINDOW_EVENTS = 2 * BATCH_EVENTS_MAX
 log = logging.getLogger("citycard.server")
 _END = object()
+
+TransfersRequest = ledger_pb2.CreateTransfersRequest | ledger_pb2.CreateTransfersStreamRequest
 
 
 class LedgerService(ledger_pb2_grpc.LedgerServicer):
     def __init__(self, services: Services) -> None:
         self.services = services
 
-    def _checked_batch(self, transfers: Any, principal: Principal, field: str = "transfers") -> np.ndarray:
-        batch = transfers_from_messages(transfers, field)
+    def _checked_batch(self, request: TransfersRequest, principal: Principal, prefix: str = "") -> np.ndarray:
+        """The request's transfers (messages or packed) as one checked batch; ``prefix`` names the request
+        within a stream (``requests[3].``)."""
+        packed = request.packed_transfers  # read once: each read of a bytes field copies it
+        if packed:
+            if len(request.transfers):
+                raise FieldError(prefix + "packed_transfers", "give transfers or packed_transfers, not both")
+            field = prefix + "packed_transfers"
+            batch = transfers_from_packed(packed, field)
+        else:
+            field = prefix + "transfers"
+            batch = transfers_from_messages(request.transfers, field)
         auth.check_transfer_ids(batch, field)
         assert principal.app is not None  # the method table lets only applications book
         auth.check_transfer_scope(principal.app, batch, field)
@@ -56,8 +76,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
     @unary("Ledger.CreateTransfers")
     async def CreateTransfers(self, request: ledger_pb2.CreateTransfersRequest, context: grpc.aio.ServicerContext,
                               principal: Principal) -> ledger_pb2.CreateTransfersResponse:
-        batch = self._checked_batch(request.transfers, principal)
-        results = await self.services.writer.transfers(batch, deadline=deadline_of(context))
+        batch = self._checked_batch(request, principal)
+        results = await self.services.writer.submit_transfers(batch, deadline=deadline_of(context))
         return ledger_pb2.CreateTransfersResponse(errors=errors_from_results(results))
 
     async def CreateTransfersStream(self, request_iterator: AsyncIterator[ledger_pb2.CreateTransfersStreamRequest],
@@ -71,11 +91,11 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
             auth.require(principal, method)
         except Exception as exc:  # noqa: BLE001
             await refuse(context, method, principal, exc)
-        in_flight: asyncio.Queue[Any] = asyncio.Queue(maxsize=STREAM_WINDOW)
+        in_flight = _InFlight()
         reader = asyncio.ensure_future(self._read_stream(request_iterator, context, principal, in_flight))
         try:
             while True:
-                item = await in_flight.get()
+                item = await in_flight.first()
                 if item is _END:
                     break
                 if isinstance(item, BaseException):
@@ -84,28 +104,30 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
                 results = await booking
                 await context.write(ledger_pb2.CreateTransfersStreamResponse(
                     request_id=request_id, errors=errors_from_results(results)))
+                in_flight.done()
         except Exception as exc:  # noqa: BLE001 - earlier requests were answered; this one ends the stream
             reader.cancel()
             await refuse(context, method, principal, exc)
         finally:
             reader.cancel()
+            in_flight.cancel_bookings()  # a caller gone: what has not started is not written
 
     async def _read_stream(self, request_iterator: AsyncIterator[ledger_pb2.CreateTransfersStreamRequest],
-                           context: grpc.aio.ServicerContext, principal: Principal,
-                           in_flight: asyncio.Queue[Any]) -> None:
+                           context: grpc.aio.ServicerContext, principal: Principal, in_flight: _InFlight) -> None:
         writer = self.services.writer
+        deadline = deadline_of(context)  # the stream's; fixed for the whole call
         index = 0
         try:
             async for request in request_iterator:
-                batch = self._checked_batch(request.transfers, principal, f"requests[{index}].transfers")
-                booking = asyncio.ensure_future(writer.transfers(batch, deadline=deadline_of(context)))
-                await in_flight.put((request.request_id, booking))
+                batch = self._checked_batch(request, principal, f"requests[{index}].")
+                await in_flight.wait_for_room(len(batch))
+                in_flight.put((request.request_id, writer.submit_transfers(batch, deadline=deadline)), len(batch))
                 index += 1
-            await in_flight.put(_END)
+            in_flight.put(_END, 0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to the answering side, in order
-            await in_flight.put(exc)
+            in_flight.put(exc, 0)
 
     # -- look-ups ----------------------------------------------------------------------------------
 
@@ -195,3 +217,45 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
         if principal.app is not None and not auth.account_visible(principal.app, account_id, int(record["ledger"])):
             raise PermissionDenied(f"account_id: account {account_id:x} is outside the scope of {principal.app.name}",
                                    reason=common_pb2.ACCOUNT_OUT_OF_SCOPE, field="account_id")
+
+
+class _InFlight:
+    """One stream's requests between reading and answering, in order: at most STREAM_WINDOW_REQUESTS of
+    them and STREAM_WINDOW_EVENTS transfers (a single request may be larger than what is left)."""
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[Any, int]] = deque()
+        self._events = 0
+        self._item_added = asyncio.Event()
+        self._room_made = asyncio.Event()
+
+    def _full(self, events: int) -> bool:
+        return bool(self._items) and (len(self._items) >= STREAM_WINDOW_REQUESTS
+                                      or self._events + events > STREAM_WINDOW_EVENTS)
+
+    async def wait_for_room(self, events: int) -> None:
+        while self._full(events):
+            self._room_made.clear()
+            await self._room_made.wait()
+
+    def put(self, item: Any, events: int) -> None:
+        self._items.append((item, events))
+        self._events += events
+        self._item_added.set()
+
+    async def first(self) -> Any:
+        """The oldest item not yet answered (it stays in until ``done``)."""
+        while not self._items:
+            self._item_added.clear()
+            await self._item_added.wait()
+        return self._items[0][0]
+
+    def done(self) -> None:
+        _, events = self._items.popleft()
+        self._events -= events
+        self._room_made.set()
+
+    def cancel_bookings(self) -> None:
+        for item, _ in self._items:
+            if isinstance(item, tuple):
+                item[1].cancel()

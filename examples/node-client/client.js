@@ -6,7 +6,8 @@
 //       --enrolment-token-file var/server/enrolment.token --card A00000001
 //
 // It registers an application ("node-kiosk"), books a fare from the card's e-purse into its own account,
-// one more through the bidirectional stream, tries the MEDICAL ledger (refused), and prints JSON.
+// more through the bidirectional stream (as Transfer messages and in the packed form), tries the MEDICAL
+// ledger (refused), and prints JSON.
 'use strict';
 
 const fs = require('fs');
@@ -56,6 +57,24 @@ function transferId() {
   return crypto.randomBytes(16).toString('hex').slice(1);
 }
 
+// One transfer in the packed form, built from the layout documented in ledger.proto alone: 128 bytes,
+// little-endian, ids as u128 (low 64 bits first); the reserved bytes stay zero.
+function packedTransfer({ id, debit, credit, amount, ledger, code }) {
+  const record = Buffer.alloc(128);
+  const u128 = (hex, offset) => {
+    const value = BigInt(`0x${hex}`);
+    record.writeBigUInt64LE(value & 0xFFFFFFFFFFFFFFFFn, offset);
+    record.writeBigUInt64LE(value >> 64n, offset + 8);
+  };
+  u128(id, 0);
+  u128(debit, 16);
+  u128(credit, 32);
+  record.writeBigUInt64LE(BigInt(amount), 96);
+  record.writeUInt32LE(ledger, 116);
+  record.writeUInt16LE(code, 120);
+  return record;
+}
+
 async function main() {
   const options = args();
   const v1 = load();
@@ -94,6 +113,10 @@ async function main() {
     stream.on('end', () => resolve(answers));
     stream.write({ request_id: 7, transfers: [fare(transferId(), 80)] });
     stream.write({ request_id: 8, transfers: [fare(transferId(), 80), fare(transferId(), 80)] });
+    const packed = [transferId(), transferId()].map((id) => packedTransfer({
+      id, debit: card.purse_account_id, credit: takings, amount: 50, ledger: PURSE, code: PURCHASE,
+    }));
+    stream.write({ request_id: 9, packed_transfers: Buffer.concat(packed) });
     stream.end();
   });
 

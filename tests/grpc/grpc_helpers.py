@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -98,6 +99,24 @@ def start_server(data_dir: Path, *, plugins: str = "", extra: list[str] | None =
     return RunningServer(process, data_dir, ready["address"], ready, log_path)
 
 
+# The packed form's 128-byte record exactly as ledger.proto documents it, written with struct and NOT with the
+# server's own dtype, so that the tests hold the server to the documented layout.
+PACKED_RECORD = struct.Struct("<16s16s16s16s16s16sQQIIHHI")
+assert PACKED_RECORD.size == 128
+
+
+def packed_record(*, id: int, debit_account_id: int, credit_account_id: int, amount_fen: int, ledger: int,
+                  code: int, pending_id: int = 0, ref_id: int = 0, user_data: int = 0, timeout_seconds: int = 0,
+                  flags: int = 0, reserved_104: int = 0, reserved_124: int = 0) -> bytes:
+    """One packed transfer (ids as ints: u128, low 64 bits first, little-endian)."""
+    def u128(value: int) -> bytes:
+        return value.to_bytes(16, "little")
+
+    return PACKED_RECORD.pack(u128(id), u128(debit_account_id), u128(credit_account_id), u128(pending_id),
+                              u128(ref_id), u128(user_data), amount_fen, reserved_104, timeout_seconds, ledger,
+                              code, flags, reserved_124)
+
+
 def auth(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
@@ -119,6 +138,17 @@ def refusal(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str, str | None]:
                 detail.Unpack(bad)
                 field = bad.field_violations[0].field
     return exc.code(), reason, field
+
+
+def refusal_field(exc: grpc.RpcError) -> str | None:
+    """The field named in a refusal's ErrorInfo metadata (PERMISSION_DENIED names one too, without BadRequest)."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.metadata.get("field")
+    return None
 
 
 # -- a small world: a person with a card and money on its e-purse, and a partner application ---------------

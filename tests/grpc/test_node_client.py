@@ -30,6 +30,7 @@ def test_a_node_client_built_from_the_protos_alone(server):
     assert report["application"] == "node-kiosk"
     assert report["card_state"] == "CARD_STATE_ACTIVE"
     assert report["unary_errors"] == 0
-    assert report["stream"] == [{"request_id": "7", "errors": 0}, {"request_id": "8", "errors": 0}]
+    assert report["stream"] == [{"request_id": "7", "errors": 0}, {"request_id": "8", "errors": 0},
+                                {"request_id": "9", "errors": 0}]  # 9: two transfers in the packed form
     assert report["medical"] == "PERMISSION_DENIED" and report["medical_has_details"]
-    assert report["takings_fen"] == 120 + 80 + 80 + 80
+    assert report["takings_fen"] == 120 + 80 + 80 + 80 + 50 + 50

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from citycard.core.ledger import accounts_array, transfers_array
-from citycard.core.records import AccountKind, TransferFlags, TransferResult
+from citycard.core.records import BATCH_EVENTS_MAX, AccountKind, TransferFlags, TransferResult
 from citycard.core.registry import Registry
 
 from citycard.server.errors import DeadlinePassed, Overloaded
@@ -145,3 +145,52 @@ def test_a_caller_that_went_away_is_not_written(registry):
 
     asyncio.run(with_writer(registry, body))
     assert registry.ledger.transfer(7000) is None
+
+
+def test_a_streams_window_holds_two_full_batches_or_eight_requests():
+    from citycard.server.ledger_service import STREAM_WINDOW_EVENTS, STREAM_WINDOW_REQUESTS, _InFlight
+
+    assert STREAM_WINDOW_EVENTS == 2 * BATCH_EVENTS_MAX
+
+    async def body():
+        window = _InFlight()
+        window.put("first", BATCH_EVENTS_MAX)
+        await window.wait_for_room(BATCH_EVENTS_MAX)  # a second full batch still fits
+        window.put("second", BATCH_EVENTS_MAX)
+        reader = asyncio.ensure_future(window.wait_for_room(1))
+        await settle_queue()
+        full_at_two_batches = not reader.done()
+        assert await window.first() == "first"
+        window.done()  # answered: room again
+        await settle_queue()
+        resumed = reader.done()
+        assert await window.first() == "second"
+        window.done()
+        for n in range(STREAM_WINDOW_REQUESTS):
+            await window.wait_for_room(1)
+            window.put(n, 1)
+        reader = asyncio.ensure_future(window.wait_for_room(1))
+        await settle_queue()
+        full_at_eight_requests = not reader.done()
+        window.done()
+        await settle_queue()
+        return full_at_two_batches, resumed, full_at_eight_requests, reader.done()
+
+    assert asyncio.run(body()) == (True, True, True, True)
+
+
+def test_a_cancelled_submission_is_not_written(registry):
+    async def body(writer: Writer):
+        release, held = hold(writer)
+        await settle_queue()
+        kept = writer.submit_transfers(batch(8000, 1))
+        dropped = writer.submit_transfers(batch(8100, 1))
+        dropped.cancel()  # e.g. a stream whose caller went away
+        release.set()
+        await kept
+        await held
+        return writer.stats.dropped
+
+    assert asyncio.run(with_writer(registry, body)) == 1
+    assert registry.ledger.transfer(8000) is not None
+    assert registry.ledger.transfer(8100) is None
