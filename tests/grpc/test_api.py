@@ -345,9 +345,12 @@ def test_the_denylist_stream_follows_loss_reports(server, world):
 
 
 def test_a_passed_deadline_writes_nothing(server, world):
+    # A deadline already past when the call starts: a tiny positive timeout is not deterministic (grpc rounds
+    # deadlines to milliseconds, and the server answers a lone transfer within one). The writer's dropping of
+    # requests whose deadline passes while they wait in its queue is tested in-process in test_writer.py.
     with pytest.raises(grpc.RpcError) as refused:
         server.ledger().CreateTransfers(ledger_pb2.CreateTransfersRequest(transfers=[fare(world, "d1")]),
-                                        metadata=world["bike_auth"], timeout=0.000001)
+                                        metadata=world["bike_auth"], timeout=0)
     assert refused.value.code() == C.DEADLINE_EXCEEDED
     assert_not_booked(server, "d1")
     stamp = timestamp_pb2.Timestamp(seconds=-5)
