@@ -1,6 +1,6 @@
 import sys
 
 from citycard.apps.plugin import main
-from citycard.apps.transit import TransitPlugin
+from citycard.apps.bus import TransitPlugin
 
 sys.exit(main(TransitPlugin()))

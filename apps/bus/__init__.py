@@ -21,7 +21,7 @@ __all__ = ["AID", "TransitPlugin"]
 AID = "A000000632010105"  # MOT T-Union (JT/T 978) e-purse application
 RECONNECT_S = 2.0
 STOP_POLL_S = 0.2
-log = logging.getLogger("citycard.apps.transit")
+log = logging.getLogger("citycard.apps.bus")
 
 
 class TransitPlugin(Plugin):
