@@ -64,6 +64,9 @@ class PurseProfile:
     start_date: str  # YYYY-MM-DD
     expiry_date: str
     balance_max_fen: int = BALANCE_MAX_FEN_DEFAULT
+    # The holder's transit rider category code, byte 28 of 0015 (issuer FCI data), which offline gates
+    # read from the purse's FCI; 0 = no concession (codes: apps/bus/capp.py).
+    rider_category: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +154,7 @@ def _purse_df(profile: CardProfile, master_keys: MasterKeys) -> DedicatedFile:
         + serial
         + _bcd_date("purse.start_date", p.start_date)
         + _bcd_date("purse.expiry_date", p.expiry_date)
-        + b"\x00\x00"
+        + bytes((_rider_category(p.rider_category), 0x00))
     )
     if len(public) != PUBLIC_DATA_BYTES:
         raise AssertionError("public data layout drifted from 30 bytes")
@@ -199,6 +202,12 @@ def _bcd_date(name: str, text: str) -> bytes:
         return bytes.fromhex(dt.date.fromisoformat(text).strftime("%Y%m%d"))
     except (TypeError, ValueError):
         raise HolderDataError(f"{name}: must be a date YYYY-MM-DD") from None
+
+
+def _rider_category(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFF:
+        raise HolderDataError("purse.rider_category: must be an integer code 0..255")
+    return value
 
 
 def _balance_max(value: Any) -> int:
