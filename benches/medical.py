@@ -120,9 +120,11 @@ def client(index: int, address: str, token: str, people: list[tuple[str, str]], 
 
 def settle(core: dict, medical_ready: dict, clients: int, bills: int, persons_per_client: int) -> dict:
     people, token = prepare(core, medical_ready, clients * persons_per_client)
-    results: multiprocessing.Queue = multiprocessing.Queue()
-    start_at = time.time() + 1.0
-    workers = [multiprocessing.Process(target=client, args=(
+    # spawn, not fork: this process has used gRPC (prepare), and a forked child of a gRPC process can hang
+    spawn = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue = spawn.Queue()
+    start_at = time.time() + 5.0  # the spawned clients import grpc and build their bills first
+    workers = [spawn.Process(target=client, args=(
         n, medical_ready["address"], token, people[n * persons_per_client:(n + 1) * persons_per_client], bills,
         start_at, results)) for n in range(clients)]
     for worker in workers:

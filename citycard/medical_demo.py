@@ -28,6 +28,7 @@ from citycard.apps.medical.card_profile import card_in_pcsc_reader, card_profile
 from citycard.apps.medical.counter import (
     CounterRefused,
     admit_at_counter,
+    pay_share_from_chip,
     read_insured,
     refusal_reason,
     settle_at_counter,
@@ -110,7 +111,7 @@ class _Act:
         self.contributions()
         with self.reader(card) as terminal:
             insured = self.at_counter(terminal)
-            self.pharmacy(insured, tokens[PHARMACY])
+            self.pharmacy(insured, tokens[PHARMACY], terminal)
             self.hospital(insured, tokens[HOSPITAL])
         self.queries()
         self.lost_and_replaced(card, tokens[PHARMACY])
@@ -183,13 +184,19 @@ class _Act:
         self.out(f"   card {insured.card_number}, holder {mask_id(insured.id_number)}: PIN verified on the card")
         return insured
 
-    def pharmacy(self, insured, token) -> None:  # type: ignore[no-untyped-def]
-        receipt = settle_at_counter(self.medical, token, insured, institution=PHARMACY, bill_no="2026112500017",
-                                    visit=V.VISIT_TYPE_PHARMACY, epurse=True, items=[
-                                        V.BillItem(code="XA01", quantity=2, unit_price_fen=1_250),
-                                        V.BillItem(code="XB01", quantity=3, unit_price_fen=4_385),
-                                        V.BillItem(code="XC01", quantity=1, unit_price_fen=2_800)])
-        self.receipt("pharmacy purchase (the insured's share from the e-purse, in the same chain)", receipt)
+    def pharmacy(self, insured, token, terminal: Terminal) -> None:  # type: ignore[no-untyped-def]
+        terminal.load(5_000)  # the chip's e-purse gets the 50.00 its shadow got at the counter
+        held = settle_at_counter(self.medical, token, insured, institution=PHARMACY, bill_no="2026112500017",
+                                 visit=V.VISIT_TYPE_PHARMACY, epurse=True, items=[
+                                     V.BillItem(code="XA01", quantity=2, unit_price_fen=1_250),
+                                     V.BillItem(code="XB01", quantity=3, unit_price_fen=4_385),
+                                     V.BillItem(code="XC01", quantity=1, unit_price_fen=2_800)])
+        self.out(f"-- the bill's chain holds the insured's {_yuan(held.epurse_held_fen)} on the e-purse shadow; "
+                 "the terminal debits the chip")
+        receipt = pay_share_from_chip(self.medical, token, terminal, held)
+        self.receipt("pharmacy purchase (the insured's share from the e-purse, debited on the chip)", receipt)
+        self.out(f"   chip purchase: card {receipt.chip.card_number}, offline counter {receipt.chip.offline_counter}, "
+                 f"TAC {receipt.chip.tac}; the chip's e-purse now holds {_yuan(terminal.balance())}")
 
     def hospital(self, insured, token) -> None:  # type: ignore[no-untyped-def]
         admitted = admit_at_counter(self.medical, token, insured, institution=HOSPITAL, admission_no="ZY0042",

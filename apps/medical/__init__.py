@@ -49,6 +49,9 @@ class MedicalPlugin(Plugin):
                                              kind=AccountKind.INSTITUTION_SETTLEMENT),
                 applications_pb2.AccountSpec(name="institutions_purse", ledger=LedgerId.PURSE,
                                              kind=AccountKind.INSTITUTION_SETTLEMENT),
+                # Pays institutions for partner cities' insured (out-of-city treatment); runs into debit:
+                # its net debit is what the partner cities owe this city.
+                applications_pb2.AccountSpec(name="clearing", ledger=LedgerId.MEDICAL, kind=AccountKind.FUND),
             ])
 
     def run(self, session: Session) -> None:

@@ -16,6 +16,8 @@ from citycard.v1 import cards_pb2, cards_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 __all__ = ["Booking", "CoreClient", "CoreError"]
 
 CALL_TIMEOUT_S = 30.0
+TRANSFERS_PAGE = 8189
+PAGES_MAX = 10_000
 ACCOUNT_NAMES = ("individual_fund", "pooled_fund", "institutions")
 
 
@@ -65,6 +67,8 @@ class CoreClient:
         self.institutions = accounts["institutions"]
         # PURSE: what the insured pays from the e-purse; absent in a registration made before it existed
         self.institutions_purse = accounts.get("institutions_purse", "")
+        # MEDICAL: pays institutions for partner cities' insured; absent in a registration made before it existed
+        self.clearing = accounts.get("clearing", "")
 
     def _call(self, method, request):  # type: ignore[no-untyped-def]
         try:
@@ -101,3 +105,15 @@ class CoreClient:
     def account_transfers(self, account_id: str) -> list[ledger_pb2.Transfer]:
         return list(self._call(self.ledger.GetAccountTransfers,
                                ledger_pb2.GetAccountTransfersRequest(account_id=account_id)).transfers)
+
+    def all_account_transfers(self, account_id: str) -> list[ledger_pb2.Transfer]:
+        """Every transfer of the account, oldest first, asked for a page at a time."""
+        out: list[ledger_pb2.Transfer] = []
+        request = ledger_pb2.GetAccountTransfersRequest(account_id=account_id, limit=TRANSFERS_PAGE)
+        for _ in range(PAGES_MAX):
+            page = self._call(self.ledger.GetAccountTransfers, request).transfers
+            out.extend(page)
+            if len(page) < TRANSFERS_PAGE:
+                return out
+            request.since.FromNanoseconds(page[-1].timestamp.ToNanoseconds() + 1)
+        raise CoreError("core_refused", f"account {account_id} has more than {PAGES_MAX * TRANSFERS_PAGE} transfers")

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 import grpc
 from citycard.apps.medical.card_profile import card_profile_for
 from citycard.card import Terminal
-from citycard.card.sw import AuthenticationBlocked, VerificationFailed
+from citycard.card.flows import PurchaseInterrupted, PurchaseReceipt
+from citycard.card.sw import AuthenticationBlocked, InsufficientBalance, VerificationFailed
 from citycard.core.identity import mask_id
 
 from citycard.v1 import medical_pb2, medical_pb2_grpc
 
-__all__ = ["CounterRefused", "InsuredAtCounter", "card_profile_for", "read_insured", "settle_at_counter"]
+__all__ = ["CounterRefused", "InsuredAtCounter", "card_profile_for", "chip_message", "pay_share_from_chip",
+           "read_insured", "settle_at_counter"]
 
 CALL_TIMEOUT_S = 30.0
 
@@ -69,6 +71,40 @@ def settle_at_counter(stub: medical_pb2_grpc.MedicalStub, metadata: tuple[tuple[
                                         id_number=insured.id_number, visit=visit, items=list(items),
                                         pay_insured_share_from_epurse=epurse)
     response: medical_pb2.SettleResponse = stub.Settle(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+    return response.receipt
+
+
+def chip_message(card_number: str, chip: PurchaseReceipt) -> medical_pb2.ChipPurchase:
+    return medical_pb2.ChipPurchase(
+        card_number=card_number, app_serial=chip.app_serial.hex().upper(), offline_counter=chip.offline_counter,
+        amount_fen=chip.amount_fen, tx_type=chip.tx_type, terminal_id=chip.terminal_id.hex().upper(),
+        terminal_seq=chip.terminal_seq, date_time=chip.date_time.hex().upper(), tac=chip.tac.hex().upper(),
+        mac2=chip.mac2.hex().upper())
+
+
+def pay_share_from_chip(stub: medical_pb2_grpc.MedicalStub, metadata: tuple[tuple[str, str], ...],
+                        terminal: Terminal, receipt: medical_pb2.Receipt) -> medical_pb2.Receipt:
+    """After a Settle that held the insured's share on the e-purse shadow: debit the chip for exactly that
+    amount (EP purchase; the SAM checks the card's MAC2) and post the hold with the chip's record. If the
+    chip refuses (its balance is short) the hold is released and the share is paid in cash. A purchase
+    torn by the card leaving the reader is recovered first (the card must be back): the chip's counter
+    says whether it debited. Sending the completion again is harmless (the same answer)."""
+    if not receipt.epurse_held_fen:
+        return receipt
+    request = medical_pb2.CompleteEpursePaymentRequest(institution=receipt.institution, bill_no=receipt.bill_no)
+    chip: PurchaseReceipt | None
+    try:
+        chip = terminal.purchase(receipt.epurse_held_fen)
+    except PurchaseInterrupted as torn:
+        chip = terminal.recover_purchase(torn.pending)
+    except InsufficientBalance:
+        chip = None
+    if chip is None:
+        request.card_not_debited = True
+    else:
+        request.chip.CopyFrom(chip_message(receipt.card_number, chip))
+    response: medical_pb2.SettleResponse = stub.CompleteEpursePayment(request, metadata=metadata,
+                                                                      timeout=CALL_TIMEOUT_S)
     return response.receipt
 
 

@@ -105,7 +105,7 @@ class MedicalService:
         Contribution imports are finished by importing the same file again."""
         import json
         done: dict[str, int] = {}
-        for table in ("bills", "admissions", "refunds"):
+        for table in ("bills", "admissions", "refunds", "out_of_city_bills", "epurse_payments"):
             for row in self.store.all(f"SELECT key, body FROM {table} WHERE status = 'intent'"):
                 try:
                     self._send(json.loads(row["body"])["transfers"], table, row["key"])
@@ -238,10 +238,11 @@ class MedicalService:
             if split.personal_account_fen:
                 payments.append(("personal_account", transfer_id("bill", key, "personal"), insured.account_id,
                                  split.personal_account_fen, TransferCode.SETTLEMENT, {}))
-            if epurse and split.insured_fen:
-                payments.append(("epurse", transfer_id("bill", key, "epurse"), insured.purse_account_id,
+            if epurse and split.insured_fen:  # a hold on the shadow; the chip debit posts it (epurse.py)
+                payments.append(("epurse_hold", transfer_id("bill", key, "epurse"), insured.purse_account_id,
                                  split.insured_fen, TransferCode.PURCHASE,
-                                 {"ledger": int(LedgerId.PURSE), "credit_account_id": self.core.institutions_purse}))
+                                 {"ledger": int(LedgerId.PURSE), "credit_account_id": self.core.institutions_purse,
+                                  "pending": True}))
             return self._book_bill(key, digest, institution, bill_no, place, insured, split, payments, now)
 
     def _bill(self, visit: VisitType | str, items: Sequence[BillItem]) -> Bill:
@@ -272,7 +273,29 @@ class MedicalService:
         if row["status"] == "intent":
             self._send(body["transfers"], table, key)
         body["replayed"] = True
+        return self._with_epurse(body) if table == "bills" else body
+
+    def _with_epurse(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A bill's receipt with its e-purse payment's outcome (epurse.py), once it has one."""
+        import json
+        if not body.get("epurse_held_fen"):
+            return body
+        row = self.store.one("SELECT body FROM epurse_payments WHERE key = ? AND status = 'booked'", body["bill"])
+        if row is not None:
+            paid = json.loads(row["body"])
+            body.update(epurse_status=paid["status"], epurse_held_fen=0, chip=paid["chip"],
+                        epurse_fen=paid["amount_fen"] if paid["status"] == "paid" else 0)
+            if paid["status"] == "paid":
+                body["payments"] = [*body["payments"], {"payer": "epurse", "transfer_id": paid["transfers"][0]["id"],
+                                                        "amount_fen": paid["amount_fen"]}]
         return body
+
+    def receipt_of_bill(self, key: str) -> dict[str, Any]:
+        import json
+        row = self.store.one("SELECT body FROM bills WHERE key = ? AND status = 'booked'", key)
+        if row is None:
+            raise MedicalError("not_found", f"no settled bill {key}")
+        return self._with_epurse(json.loads(row["body"]))
 
     def _send(self, transfers: list[dict[str, Any]], table: str, key: str) -> None:
         """Book a request of linked transfers (as stored in an intent) and mark the intent booked; on a
@@ -306,13 +329,15 @@ class MedicalService:
             "category_c_fen": split.category_c_fen, "deductible_fen": split.deductible_fen,
             "pooled_fund_fen": split.pooled_fund_fen, "personal_account_fen": split.personal_account_fen,
             "insured_fen": split.insured_fen, "capped": split.capped,
-            "epurse_fen": sum(amount for payer, _, _, amount, _, _ in payments if payer == "epurse"),
+            "epurse_fen": 0, "epurse_held_fen": sum(amount for payer, _, _, amount, _, _ in payments
+                                                    if payer == "epurse_hold"),
             "items": [{"code": i.code, "name": i.name, "category": i.category.value, "quantity": i.quantity,
                        "unit_price_fen": i.unit_price_fen, "amount_fen": i.amount_fen, "covered_fen": i.covered_fen,
                        "self_paid_fen": i.self_paid_fen} for i in split.items],
             "payments": [{"payer": payer, "transfer_id": _hex(tid), "amount_fen": amount}
                          for payer, tid, _, amount, _, _ in payments],
             "transfers": transfers, **(extra or {})}
+        receipt["epurse_status"] = "held" if receipt["epurse_held_fen"] else ""
         with self.store.transaction() as db:
             db.execute("INSERT INTO bills (key, institution, bill_no, digest, id_number, card_number, visit, day, "
                        "year, at_ns, total_fen, pooled_fen, personal_fen, insured_fen, body, status) VALUES "
@@ -469,7 +494,7 @@ class MedicalService:
             else:
                 pooled = amount * int(row["pooled_fen"]) // int(row["total_fen"])
                 personal = amount * int(row["personal_fen"]) // int(row["total_fen"])
-            transfers = self._refund_transfers(bill, key, pooled, personal, amount - pooled - personal)
+            transfers = self._refund_transfers(bill, key, pooled, personal)
             body = {"refund": key, "bill": bill_key, "holder": bill["holder"], "amount_fen": amount,
                     "pooled_fund_fen": pooled, "personal_account_fen": personal,
                     "insured_fen": amount - pooled - personal, "at": clock.now().isoformat(timespec="seconds"),
@@ -482,15 +507,15 @@ class MedicalService:
             self._send(transfers, "refunds", key)
         return body
 
-    def _refund_transfers(self, bill: dict[str, Any], key: str, pooled: int, personal: int,
-                          insured: int) -> list[dict[str, Any]]:
+    def _refund_transfers(self, bill: dict[str, Any], key: str, pooled: int, personal: int) -> list[dict[str, Any]]:
         """REFUND transfers naming each original payment, pooled payments in order, until the parts are met."""
         import json  # noqa: F401
         originals = {t["id"]: t for t in bill["transfers"]}
         refunded = self._refunded_by_transfer(bill["bill"])
         out: list[dict[str, Any]] = []
-        wanted = {"pooled_fund": pooled, "personal_account": personal,
-                  "epurse": min(insured, bill.get("epurse_fen", 0))}
+        # The insured's part goes back in cash, also what they paid from the e-purse: crediting the shadow
+        # without loading the chip would make the two disagree (epurse.py).
+        wanted = {"pooled_fund": pooled, "personal_account": personal}
         for payment in bill["payments"]:
             payer = payment["payer"]
             if payer not in wanted or wanted[payer] == 0:
@@ -537,7 +562,7 @@ class MedicalService:
             args.append(year)
         records = []
         for row in self.store.all(sql + " ORDER BY at_ns", *args):
-            body = json.loads(row["body"])
+            body = self._with_epurse(json.loads(row["body"]))
             refunded = self.store.one("SELECT COALESCE(SUM(amount_fen), 0) a FROM refunds WHERE bill_key = ? "
                                       "AND status = 'booked'", row["key"])
             body.pop("transfers", None)

@@ -21,7 +21,10 @@ from typing import Any
 import grpc
 from citycard.apps.medical.contributions import ImportRefused
 from citycard.apps.medical.core_client import CoreClient, CoreError
+from citycard.apps.medical.epurse import ChipPurchase, EpursePayments
 from citycard.apps.medical.institutions import Institution, InstitutionError, InstitutionKind
+from citycard.apps.medical.out_of_city import OutOfCity, report_csv
+from citycard.apps.medical.partners import PartnerCity, PartnerTerms
 from citycard.apps.medical.policy import HospitalLevel
 from citycard.apps.medical.service import MedicalError, MedicalService
 from citycard.apps.medical.split import BillItem, VisitType
@@ -62,7 +65,8 @@ VISIT_OF_ENUM = {medical_pb2.VISIT_TYPE_OUTPATIENT: VisitType.OUTPATIENT,
                  medical_pb2.VISIT_TYPE_INPATIENT: VisitType.INPATIENT}
 ENUM_OF_VISIT = {value: key for key, value in VISIT_OF_ENUM.items()}
 OPERATOR = "operator"
-INSTITUTION_METHODS = {"Settle", "Admit", "Discharge", "CancelAdmission", "Refund"}
+INSTITUTION_METHODS = {"Settle", "Admit", "Discharge", "CancelAdmission", "Refund", "CompleteEpursePayment",
+                       "SettleOutOfCity"}
 
 
 def _abort(context: grpc.ServicerContext, reason: str, message: str, field: str | None = None,
@@ -103,7 +107,10 @@ def _receipt(body: dict[str, Any]) -> medical_pb2.Receipt:
         items=[medical_pb2.ItemLine(**item) for item in body["items"]],
         payments=[medical_pb2.Payment(**payment) for payment in body["payments"]],
         balance_after_fen=body.get("balance_after_fen", 0), refunded_fen=body.get("refunded_fen", 0),
-        replayed=bool(body.get("replayed")), epurse_fen=body.get("epurse_fen", 0))
+        replayed=bool(body.get("replayed")), epurse_fen=body.get("epurse_fen", 0),
+        home_city=body.get("home_city", ""), home_city_name=body.get("home_city_name", ""),
+        epurse_held_fen=body.get("epurse_held_fen", 0), epurse_status=body.get("epurse_status", ""),
+        chip=medical_pb2.ChipPurchase(**body["chip"]) if body.get("chip") else None)
 
 
 def _institution_message(institution: Institution) -> medical_pb2.Institution:
@@ -114,9 +121,44 @@ def _institution_message(institution: Institution) -> medical_pb2.Institution:
         settlement_account_id=f"{institution.settlement_account_id:x}")
 
 
+def _chip(message: medical_pb2.ChipPurchase) -> ChipPurchase:
+    return ChipPurchase(**{field.name: getattr(message, field.name) for field in message.DESCRIPTOR.fields})
+
+
+def _terms(message: medical_pb2.PartnerTerms) -> PartnerTerms:
+    levels = (list(message.inpatient_deductible_fen), list(message.inpatient_rate_per_mille))
+    if any(len(values) != 3 for values in levels):
+        raise MedicalError("invalid", "terms: give the inpatient deductible and rate for hospital levels 1, 2 and 3",
+                           field="terms.inpatient_deductible_fen")
+    try:
+        effective_from = _dt.date.fromisoformat(message.effective_from)
+    except ValueError:
+        raise MedicalError("invalid", f"terms.effective_from: {message.effective_from!r} is not YYYY-MM-DD",
+                           field="terms.effective_from") from None
+    return PartnerTerms(effective_from, int(message.outpatient_rate_per_mille),
+                        int(message.category_b_self_paid_per_mille), tuple(levels[0]),  # type: ignore[arg-type]
+                        tuple(levels[1]), int(message.annual_cap_fen))  # type: ignore[arg-type]
+
+
+def _partner_message(partner: PartnerCity) -> medical_pb2.PartnerCity:
+    return medical_pb2.PartnerCity(code=partner.code, name=partner.name, versions=[
+        medical_pb2.PartnerTerms(**terms.to_json()) for terms in partner.versions])
+
+
+def _clearing_report(report: dict[str, Any]) -> medical_pb2.ClearingReport:
+    lines = [medical_pb2.ClearingLine(**{name: value for name, value in line.items() if name not in ("holder", "visit")},
+                                      holder_masked=line["holder"], visit=ENUM_OF_VISIT[VisitType(line["visit"])])
+             for line in report["lines"]]
+    scalars = {name: value for name, value in report.items() if name not in ("lines", "reconciled")}
+    return medical_pb2.ClearingReport(**scalars, lines=lines, reconciled=report["reconciled"],
+                                      csv=report_csv(report).encode())
+
+
 class MedicalServicer(medical_pb2_grpc.MedicalServicer):
     def __init__(self, service: MedicalService, operator_token: str) -> None:
         self.service = service
+        self.out_of_city = OutOfCity(service)
+        self.epurse = EpursePayments(service)
         self._operator_sha256 = hashlib.sha256(operator_token.encode()).hexdigest()
 
     def _caller(self, context: grpc.ServicerContext, method: str) -> str:
@@ -264,6 +306,35 @@ class MedicalServicer(medical_pb2_grpc.MedicalServicer):
     def ListInstitutions(self, request, context):  # type: ignore[no-untyped-def]
         registry = self._run(context, "ListInstitutions", None, self.service.institutions)
         return medical_pb2.ListInstitutionsResponse(institutions=[_institution_message(i) for i in registry])
+
+
+    def CompleteEpursePayment(self, request, context):  # type: ignore[no-untyped-def]
+        body = self._run(context, "CompleteEpursePayment", request.institution, lambda: self.epurse.complete(
+            institution=request.institution, bill_no=request.bill_no,
+            chip=_chip(request.chip) if request.HasField("chip") else None,
+            card_not_debited=request.card_not_debited))
+        return medical_pb2.SettleResponse(receipt=_receipt(body))
+
+    def RegisterPartnerCity(self, request, context):  # type: ignore[no-untyped-def]
+        partner = self._run(context, "RegisterPartnerCity", None, lambda: self.out_of_city.register_partner(
+            request.code, request.name, _terms(request.terms)))
+        return medical_pb2.RegisterPartnerCityResponse(partner=_partner_message(partner))
+
+    def ListPartnerCities(self, request, context):  # type: ignore[no-untyped-def]
+        partners = self._run(context, "ListPartnerCities", None, self.out_of_city.partners)
+        return medical_pb2.ListPartnerCitiesResponse(partners=[_partner_message(p) for p in partners])
+
+    def SettleOutOfCity(self, request, context):  # type: ignore[no-untyped-def]
+        body = self._run(context, "SettleOutOfCity", request.institution, lambda: self.out_of_city.settle(
+            institution=request.institution, bill_no=request.bill_no, home_city=request.home_city,
+            home_number=request.home_insurance_number, visit=VISIT_OF_ENUM.get(request.visit, "unspecified"),
+            items=_items(request.items)))
+        return medical_pb2.SettleResponse(receipt=_receipt(body))
+
+    def GetClearingReport(self, request, context):  # type: ignore[no-untyped-def]
+        report = self._run(context, "GetClearingReport", None, lambda: self.out_of_city.report(
+            request.partner_city, request.first_day, request.last_day))
+        return _clearing_report(report)
 
 
 def _operator_token(directory: Path) -> str:

@@ -50,6 +50,18 @@ CREATE TABLE IF NOT EXISTS contributions (
     credited_fen INTEGER NOT NULL, import_key TEXT NOT NULL,
     PRIMARY KEY (month, employer, id_number, insurance));
 CREATE INDEX IF NOT EXISTS contributions_by_person ON contributions (id_number, month);
+CREATE TABLE IF NOT EXISTS partner_cities (code TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS out_of_city_bills (
+    key TEXT PRIMARY KEY,            -- institution code / bill number (the same numbers as local bills)
+    partner TEXT NOT NULL, home_number TEXT NOT NULL, institution TEXT NOT NULL, digest TEXT NOT NULL,
+    visit TEXT NOT NULL,
+    day TEXT NOT NULL, year INTEGER NOT NULL, at_ns INTEGER NOT NULL, total_fen INTEGER NOT NULL,
+    home_fund_fen INTEGER NOT NULL, insured_fen INTEGER NOT NULL, body TEXT NOT NULL, status TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS out_of_city_by_partner ON out_of_city_bills (partner, day);
+CREATE TABLE IF NOT EXISTS epurse_payments (
+    key TEXT PRIMARY KEY,            -- the bill's key
+    chip_key TEXT NOT NULL UNIQUE,   -- application serial / offline counter: one chip purchase, one bill
+    digest TEXT NOT NULL, body TEXT NOT NULL, status TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS imports (
     key TEXT PRIMARY KEY, digest TEXT NOT NULL, body TEXT NOT NULL, status TEXT NOT NULL);
 """

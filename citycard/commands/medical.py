@@ -102,6 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _client_options(query)
         query.set_defaults(handler=_handler(handler))
 
+    _register_out_of_city(commands)
+
     contributions = subparsers.add_parser("contributions", help="monthly contribution files of the employers")
     contribution_commands = contributions.add_subparsers(dest="contributions_command", required=True,
                                                          metavar="COMMAND")
@@ -109,6 +111,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     importer.add_argument("file", type=Path)
     _client_options(importer)
     importer.set_defaults(handler=_handler(_import))
+
+
+def _register_out_of_city(commands: argparse._SubParsersAction) -> None:
+    partners = commands.add_parser("partners", help="partner cities whose insured settle here (out-of-city)")
+    partner_commands = partners.add_subparsers(dest="partners_command", required=True, metavar="COMMAND")
+    add = partner_commands.add_parser("add", help="register a partner city, or a new version of its terms")
+    add.add_argument("code", help="the city's region code (6 digits)")
+    add.add_argument("--name", required=True)
+    add.add_argument("--from", dest="effective_from", required=True, metavar="YYYY-MM-DD")
+    add.add_argument("--outpatient-rate-per-mille", type=int, required=True)
+    add.add_argument("--b-self-paid-per-mille", type=int, required=True)
+    add.add_argument("--deductible-fen", required=True, metavar="L1,L2,L3", help="inpatient, per hospital level")
+    add.add_argument("--rate-per-mille", required=True, metavar="L1,L2,L3", help="inpatient, per hospital level")
+    add.add_argument("--annual-cap-fen", type=int, required=True)
+    _client_options(add)
+    add.set_defaults(handler=_handler(_add_partner))
+    listing = partner_commands.add_parser("list", help="the partner cities and their terms")
+    _client_options(listing)
+    listing.set_defaults(handler=_handler(_list_partners))
+
+    settle = commands.add_parser("settle-out-of-city", help="settle the bill of a partner city's insured "
+                                                            "(an institution's call)")
+    _bill_options(settle, number="--bill-no")
+    settle.add_argument("--home-city", required=True, help="the partner city's region code")
+    settle.add_argument("--home-number", required=True, help="the insured's number in the home city")
+    settle.add_argument("--visit", required=True, choices=tuple(VISITS))
+    settle.set_defaults(handler=_handler(_settle_out_of_city))
+
+    report = commands.add_parser("clearing-report", help="bills of a partner city's insured in a period, "
+                                                         "reconciled with the clearing account")
+    report.add_argument("partner_city")
+    report.add_argument("--from", dest="first_day", required=True, metavar="YYYY-MM-DD")
+    report.add_argument("--to", dest="last_day", required=True, metavar="YYYY-MM-DD")
+    report.add_argument("--csv", type=Path, default=None, metavar="FILE", help="also write the report as CSV")
+    _client_options(report)
+    report.set_defaults(handler=_handler(_clearing_report))
 
 
 def _client_options(parser: argparse.ArgumentParser, *, token: bool = False) -> None:
@@ -198,9 +236,14 @@ def _show_receipt(args: argparse.Namespace, receipt: medical_pb2.Receipt) -> int
         out.print(table("items", ("code", "name", "cat.", "qty", "amount", "covered", "self-paid"), (
             (i.code, i.name, i.category, i.quantity, fen(i.amount_fen), fen(i.covered_fen), fen(i.self_paid_fen))
             for i in receipt.items)))
+        if receipt.home_city:
+            out.print(f"total {fen(receipt.total_fen)}: {receipt.home_city_name} ({receipt.home_city}) fund "
+                      f"{fen(receipt.pooled_fund_fen)} through the clearing account, insured {fen(receipt.insured_fen)}")
+            return
+        held = f", held on the e-purse {fen(receipt.epurse_held_fen)}" if receipt.epurse_held_fen else ""
         out.print(f"total {fen(receipt.total_fen)}: pooled fund {fen(receipt.pooled_fund_fen)}, personal account "
                   f"{fen(receipt.personal_account_fen)}, insured {fen(receipt.insured_fen)} (e-purse "
-                  f"{fen(receipt.epurse_fen)}); "
+                  f"{fen(receipt.epurse_fen)}{held}); "
                   f"balance after {fen(receipt.balance_after_fen)}")
 
     emit(args, _document(receipt), render)
@@ -360,3 +403,83 @@ def _import_problems(exc: grpc.RpcError) -> list[dict[str, Any]]:
             detail.Unpack(report)
             return [{"source": p.source, "row": p.row, "field": p.field, "reason": p.reason} for p in report.problems]
     return []
+
+
+def _three(text: str, option: str) -> list[int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
+        raise _Refused(f"{option}: {text!r} is not three whole numbers L1,L2,L3")
+    return [int(part) for part in parts]
+
+
+def _add_partner(args: argparse.Namespace) -> int:
+    terms = medical_pb2.PartnerTerms(
+        effective_from=args.effective_from, outpatient_rate_per_mille=_non_negative(args.outpatient_rate_per_mille,
+                                                                                 "--outpatient-rate-per-mille"),
+        category_b_self_paid_per_mille=_non_negative(args.b_self_paid_per_mille, "--b-self-paid-per-mille"),
+        inpatient_deductible_fen=_three(args.deductible_fen, "--deductible-fen"),
+        inpatient_rate_per_mille=_three(args.rate_per_mille, "--rate-per-mille"),
+        annual_cap_fen=_non_negative(args.annual_cap_fen, "--annual-cap-fen"))
+    answer = _stub(args).RegisterPartnerCity(medical_pb2.RegisterPartnerCityRequest(
+        code=args.code, name=args.name, terms=terms), metadata=_metadata(args), timeout=TIMEOUT_S)
+    emit(args, _document(answer), lambda out: out.print(
+        f"partner city {answer.partner.code} {answer.partner.name}: {len(answer.partner.versions)} version(s) "
+        f"of its terms, the latest from {answer.partner.versions[-1].effective_from}"))
+    return 0
+
+
+def _non_negative(value: int, option: str) -> int:
+    if value < 0:
+        raise _Refused(f"{option}: {value} is negative")
+    return value
+
+
+def _list_partners(args: argparse.Namespace) -> int:
+    answer = _stub(args).ListPartnerCities(medical_pb2.ListPartnerCitiesRequest(), metadata=_metadata(args),
+                                           timeout=TIMEOUT_S)
+    emit(args, _document(answer), lambda out: out.print(table("partner cities", (
+        "code", "name", "from", "outpatient", "B self-paid", "deductible L1/L2/L3", "rate L1/L2/L3", "annual cap"), (
+        (p.code, p.name, t.effective_from, f"{t.outpatient_rate_per_mille}‰", f"{t.category_b_self_paid_per_mille}‰",
+         "/".join(fen(v) for v in t.inpatient_deductible_fen), "/".join(f"{v}‰" for v in t.inpatient_rate_per_mille),
+         fen(t.annual_cap_fen)) for p in answer.partners for t in p.versions))))
+    return 0
+
+
+def _settle_out_of_city(args: argparse.Namespace) -> int:
+    answer = _stub(args).SettleOutOfCity(medical_pb2.SettleOutOfCityRequest(
+        institution=args.institution, bill_no=args.bill_no, home_city=args.home_city,
+        home_insurance_number=args.home_number, visit=VISITS[args.visit], items=_items(args.item)),
+        metadata=_metadata(args), timeout=TIMEOUT_S)
+    return _show_receipt(args, answer.receipt)
+
+
+def _clearing_report(args: argparse.Namespace) -> int:
+    answer = _stub(args).GetClearingReport(medical_pb2.ClearingReportRequest(
+        partner_city=args.partner_city, first_day=args.first_day, last_day=args.last_day),
+        metadata=_metadata(args), timeout=TIMEOUT_S)
+    if args.csv is not None:
+        try:
+            args.csv.write_bytes(answer.csv)
+        except OSError as exc:
+            raise _Refused(f"{args.csv}: {exc.strerror}") from None
+    document = _document(answer)
+    document.pop("csv")
+
+    def render(out: Any) -> None:
+        out.print(table(f"clearing with {answer.partner_city} {answer.partner_name}, {answer.first_day} to "
+                        f"{answer.last_day}", ("bill", "day", "holder", "visit", "total", "home fund", "insured",
+                                               "on ledger"), (
+            (line.bill, line.day, line.holder_masked, medical_pb2.VisitType.Name(line.visit)[11:].lower(),
+             fen(line.total_fen), fen(line.home_fund_fen), fen(line.insured_fen), "yes" if line.on_ledger else "NO")
+            for line in answer.lines)))
+        out.print(f"{answer.bills} bills, total {fen(answer.total_fen)}: home city's fund {fen(answer.home_fund_fen)}, "
+                  f"insured {fen(answer.insured_fen)}; {answer.partner_name} owes {fen(answer.owed_by_partner_fen)}")
+        out.print(f"ledger: this period {fen(answer.ledger_period_fen)}, all time {fen(answer.ledger_all_time_fen)} "
+                  f"(records {fen(answer.records_all_time_fen)}); clearing account net "
+                  f"{fen(answer.clearing_account_net_fen)} (records, all partners "
+                  f"{fen(answer.records_all_partners_fen)}): {'reconciled' if answer.reconciled else 'NOT RECONCILED'}"
+                  + (f"; on the ledger only: {', '.join(answer.unmatched_transfer_ids)}"
+                     if answer.unmatched_transfer_ids else ""))
+
+    emit(args, document, render)
+    return 0 if answer.reconciled else EXIT_REFUSED

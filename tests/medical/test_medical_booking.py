@@ -296,34 +296,3 @@ def test_intents_left_by_a_crash_are_finished_at_start(world: World):
     assert [r["bill"] for r in world.service.expense_records(id_number)] == ["P3701001/B0200"]
     assert available(world, id_number) == 34_345
     assert world.service.recover() == {}
-
-
-def purse(world: World, card: str) -> int:
-    from citycard.v1 import cards_pb2 as cp
-    account = world.server.cards().GetCard(cp.GetCardRequest(card_number=card), metadata=world.metadata,
-                                           timeout=CALL_TIMEOUT_S).card.purse_account_id
-    return world.service.core.available_fen(account)
-
-
-def test_insured_share_from_the_e_purse_in_the_same_chain_across_both_ledgers(world: World):
-    from grpc_helpers import add_person_with_card, citizen_id
-
-    id_number = citizen_id("19550505", 777)
-    card = add_person_with_card(world.server, id_number, load_fen=5_000)
-    fund(world, id_number, 50_000, id_number + "e")
-    purse_before = account(world, "institutions_purse").credits_posted_fen
-    receipt = world.service.settle(institution=PHARMACY, bill_no="E1", card_number=card, id_number=id_number,
-                                   visit="pharmacy", items=PHARMACY_ITEMS, epurse=True)
-    assert (receipt["personal_account_fen"], receipt["insured_fen"], receipt["epurse_fen"]) == (15_655, 2_800, 2_800)
-    assert (available(world, id_number), purse(world, card)) == (34_345, 2_200)
-    assert account(world, "institutions_purse").credits_posted_fen - purse_before == 2_800
-    # the e-purse is now short (22.00 for a 28.00 share): the whole chain is refused, MEDICAL included
-    with pytest.raises(MedicalError) as caught:
-        world.service.settle(institution=PHARMACY, bill_no="E2", card_number=card, id_number=id_number,
-                             visit="pharmacy", items=PHARMACY_ITEMS, epurse=True)
-    assert caught.value.reason == "epurse_insufficient"
-    assert (available(world, id_number), purse(world, card)) == (34_345, 2_200)
-    assert [r["bill"] for r in world.service.expense_records(id_number)] == ["P3701001/E1"]
-    refund = world.service.refund(institution=PHARMACY, refund_no="ER1", bill_no="E1")
-    assert (refund["personal_account_fen"], refund["insured_fen"]) == (15_655, 2_800)
-    assert (available(world, id_number), purse(world, card)) == (50_000, 5_000)

@@ -15,6 +15,7 @@ def test_medical_demo(tmp_path):
     assert "refused, MEDICAL_IMPORT_REFUSED" in text
     assert "total 184.55 = pooled fund 0.00 + personal account 156.55 + insured 28.00 (e-purse 28.00, cash 0.00)" \
         in text
+    assert "the chip's e-purse now holds 22.00" in text
     assert "pooled fund holds 3444.00" in text
     assert "total 5500.00 = pooled fund 3370.20 + personal account 0.00 + insured 2129.80 (e-purse 0.00, cash " \
            "2129.80)" in text

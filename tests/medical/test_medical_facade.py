@@ -1,4 +1,5 @@
-"""The medical application's exported names, pinned; its manifest: MEDICAL, and PURSE for the e-purse share."""
+"""The medical application's exported names, pinned; its manifest: MEDICAL, PURSE for the e-purse share,
+and the clearing account for out-of-city treatment."""
 
 from __future__ import annotations
 
@@ -18,4 +19,4 @@ def test_manifest_is_medical_only():
                                                       TransferCode.PURCHASE])
     assert [(account.name, account.ledger) for account in manifest.accounts] == [
         ("individual_fund", LedgerId.MEDICAL), ("pooled_fund", LedgerId.MEDICAL), ("institutions", LedgerId.MEDICAL),
-        ("institutions_purse", LedgerId.PURSE)]
+        ("institutions_purse", LedgerId.PURSE), ("clearing", LedgerId.MEDICAL)]
