@@ -31,7 +31,8 @@ if DEBUG:
 # Cython resolves the .pxd beside a .pyx by the module's dotted name, so it compiles the module under
 # the name its folder gives it ("core._ledger"); the built extension is then installed where the
 # package_dir mapping puts it ("citycard.core._ledger"). The init symbol only uses the last part.
-INSTALLED_NAME = {"core._ledger": "citycard.core._ledger", "card._des": "citycard.card._des"}
+INSTALLED_NAME = {"core._ledger": "citycard.core._ledger", "card._des": "citycard.card._des",
+                  "apps.bus._tac": "citycard.apps.bus._tac"}
 
 extensions = [
     Extension(
@@ -45,6 +46,10 @@ extensions = [
     # The card's DES core over libcrypto's EVP API; card/crypto.py falls back to its pure twin without it.
     Extension("card._des", sources=["card/_des.pyx"], libraries=["crypto"], define_macros=macros,
               extra_compile_args=compile_args),
+    # Transit's batched TAC check of offline records over libcrypto's low-level DES (deprecated in
+    # OpenSSL 3, still exported); apps/bus/tac.py falls back to its pure twin without it.
+    Extension("apps.bus._tac", sources=["apps/bus/_tac.pyx"], libraries=["crypto"],
+              define_macros=macros + [("OPENSSL_SUPPRESS_DEPRECATED", None)], extra_compile_args=compile_args),
 ]
 
 compiled = cythonize(
