@@ -16,11 +16,14 @@ a shared machine, while each block still runs the way a terminal serving a queue
 * select_round_trip: one SELECT through pyscard -> pcscd -> vpcd -> card and back (the transport's limit);
 * purchase, per mode: SELECT + INITIALIZE FOR PURCHASE + DEBIT FOR PURCHASE with the SAM work;
 * state_write, per mode: what a purchase writes (purse data + detail records), alone;
+* bare_fsync: the disk's own floor for the fsync mode, in the same rounds: one record-sized write
+  into a preallocated file and fdatasync, nothing else (what a syncing card cannot go below);
 * sam_crypto: the soft SAM's work in one purchase (MAC1, then the MAC2 check), alone;
 * purchase_in_memory: the purchase without PC/SC or disk (MemoryTransport, MemoryStore): the
   Python work of card, terminal and SAM alone.
 
-Target: a purchase within 4 bare round trips plus the SAM's crypto (`target_ms`). This is a
+Target: a purchase within 4 bare round trips plus the SAM's crypto (`target_ms`); the fsync mode is
+also compared with that target plus one bare fsync (`ratio_purchase_to_target_plus_fsync`). This is a
 benchmark, not a test: nothing passes or fails on these numbers. Stops its pcscd and cards.
 """
 
@@ -73,6 +76,8 @@ TERMINAL_ID = bytes.fromhex("330300000099")
 ROUND_TRIPS_ALLOWED = 4
 STATE_WRITES = 200
 ROUND_PURCHASES = 25
+BARE_FSYNCS_PER_ROUND = 5
+RECORD_BYTES = 950  # about what a purchase's change record weighs
 MODES = {"default": False, "fsync": True}  # mode name -> fsync
 
 
@@ -166,15 +171,38 @@ def _sam_crypto(keys: MasterKeys, count: int) -> list[float]:
     return _timed(one, count)
 
 
+class _BareFsync:
+    """The disk's floor for a syncing card: a record-sized write into preallocated space, then fdatasync."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(self._fd, bytes(1024 * 1024))
+        os.fsync(self._fd)
+        self._offset = 0
+        self.samples_s: list[float] = []
+
+    def once(self) -> None:
+        started = time.perf_counter()
+        os.pwrite(self._fd, b"x" * (RECORD_BYTES - 1) + b"\n", self._offset)
+        os.fdatasync(self._fd)
+        self.samples_s.append(time.perf_counter() - started)
+        self._offset = (self._offset + RECORD_BYTES) % (1024 * 1024 - RECORD_BYTES)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def _interleaved(select: Callable[[], object], lanes: dict[str, _Lane], purchases: int,
-                 selects: int) -> list[float]:
-    """Round by round: a share of the bare SELECTs, then a block of purchases on each card."""
+                 selects: int, bare_fsync: _BareFsync) -> list[float]:
+    """Round by round: a share of the bare SELECTs, a few bare fsyncs, then a block of purchases on each card."""
     select_s: list[float] = []
     rounds = math.ceil(purchases / ROUND_PURCHASES)
     selects_per_round = math.ceil(selects / rounds)
     for round_index in range(rounds):
         for _ in range(min(selects_per_round, selects - len(select_s))):
             _timed_once(select, select_s)
+        for _ in range(BARE_FSYNCS_PER_ROUND):
+            bare_fsync.once()
         block = min(ROUND_PURCHASES, purchases - round_index * ROUND_PURCHASES)
         for lane in lanes.values():
             purchase_one_fen = functools.partial(lane.terminal.purchase, 1)
@@ -193,6 +221,7 @@ def run(selects: int, purchases: int) -> dict[str, object]:
             links = [VpcdLink(card, reader.port) for card, reader in zip(cards.values(), daemon.readers)]
             lanes: dict[str, _Lane] = {}
             select_transport: PcscTransport | None = None
+            bare_fsync = _BareFsync(workdir / "bare-fsync.bin")
             try:
                 for link, reader in zip(links, daemon.readers):
                     link.insert()
@@ -204,8 +233,9 @@ def run(selects: int, purchases: int) -> dict[str, object]:
                 for _ in range(WARMUP):
                     select_transport.transmit(select_apdu)
                 select_one = functools.partial(select_transport.transmit, select_apdu)
-                select_s = _interleaved(select_one, lanes, purchases, selects)
+                select_s = _interleaved(select_one, lanes, purchases, selects, bare_fsync)
             finally:
+                bare_fsync.close()
                 if select_transport is not None:
                     select_transport.close()
                 for lane in lanes.values():
@@ -219,6 +249,7 @@ def run(selects: int, purchases: int) -> dict[str, object]:
     in_memory_s = _purchases_in_memory(keys, purchases)
     select_ms, sam_ms = _stats_ms(select_s), _stats_ms(sam_s)
     target_ms = ROUND_TRIPS_ALLOWED * select_ms["median"] + sam_ms["median"]
+    fsync_ms = _stats_ms(bare_fsync.samples_s)
     modes: dict[str, object] = {}
     for mode, lane in lanes.items():
         purchase_ms = _stats_ms(lane.purchase_s)
@@ -230,12 +261,16 @@ def run(selects: int, purchases: int) -> dict[str, object]:
             "ratio_purchase_to_target": round(purchase_ms["median"] / target_ms, 2),
             "within_target": purchase_ms["median"] <= target_ms,
         }
+        if MODES[mode]:  # the same target plus the one sync the mode adds, at the disk's own price
+            modes[mode]["ratio_purchase_to_target_plus_fsync"] = round(  # type: ignore[index]
+                purchase_ms["median"] / (target_ms + fsync_ms["median"]), 2)
     return {
         "benchmark": "card purchase through pcscd + vpcd",
         "machine": _machine(),
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "select_round_trip_ms": select_ms,
         "sam_crypto_ms": sam_ms,
+        "bare_fsync_ms": fsync_ms,
         "purchase_in_memory_ms": _stats_ms(in_memory_s),
         "target_ms": round(target_ms, 4),
         "modes": modes,
@@ -261,9 +296,13 @@ def _table(result: dict[str, object]) -> str:
                                                             for m in modes.values()))
     lines.append(f"{'within target':{width}}" + "".join(f"{'yes' if m['within_target'] else 'no':>24}"
                                                         for m in modes.values()))
+    lines.append(f"{'purchase / (target + bare fsync)':{width}}" + "".join(
+        f"{str(m.get('ratio_purchase_to_target_plus_fsync', '-')) + ('x' if 'ratio_purchase_to_target_plus_fsync' in m else ''):>24}"
+        for m in modes.values()))
     lines.append("")
     for label, key in (("select round trip (transport limit)", "select_round_trip_ms"),
                        ("SAM crypto per purchase", "sam_crypto_ms"),
+                       ("bare fsync (record write + fdatasync)", "bare_fsync_ms"),
                        ("purchase in memory (no PC/SC, no disk)", "purchase_in_memory_ms")):
         s: dict[str, float] = result[key]  # type: ignore[assignment]
         lines.append(f"{label:{width}}{s['median']:>12.3f}{s['p99']:>12.3f}")

@@ -76,6 +76,9 @@ class VirtualCard:
         self._saved_since_start: dict[str, Any] = {}
         self._ciphers = CipherCache(CARD_CIPHERS_MAX)
         self._purchase_session: DesCipher | None = None  # see purchase_session_cipher
+        # What handlers derive from the image's *shape* (a DF by name, a DF's keys and files): the tree
+        # and the keys never change after personalisation, so this lives as long as `image` does.
+        self.memo: dict[object, Any] = {}
         self.atr = ATR
         self.reset()
 
@@ -145,7 +148,8 @@ class VirtualCard:
         """
         if not changed:
             raise ValueError("commit() needs the parts that changed")
-        changes = dict(self.image.change(part) for part in changed)
+        change = self.image.change
+        changes = {pointer: value for pointer, value in map(change, changed)}
         try:
             self.store.save(changes, self.image)
         except Exception as exc:  # noqa: BLE001 - any storage failure means "the write did not happen"
@@ -158,6 +162,7 @@ class VirtualCard:
         saved = json.loads(self._start)
         apply_changes(saved, self._saved_since_start)
         self.image = CardImage.from_json(saved)
+        self.memo.clear()
         self.reset()
 
     # -- the APDU contract -------------------------------------------------------------------------------

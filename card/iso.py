@@ -49,12 +49,34 @@ def fci(df: DedicatedFile) -> bytes:
 # -- SELECT ------------------------------------------------------------------------------------
 
 
+def _fci_of(card: VirtualCard, df: DedicatedFile) -> bytes:
+    """fci(df), kept per DF while what it shows (the purse's public data) stays the same: a terminal
+    selects the purse before every purchase."""
+    key = (fci, df)
+    public_data = _public_data(card, df)
+    cached = card.memo.get(key)
+    if cached is None or cached[0] != public_data:
+        cached = card.memo[key] = (public_data, fci(df))
+    return cached[1]
+
+
+def _public_data(card: VirtualCard, df: DedicatedFile) -> bytes | None:
+    if df.application != "purse":
+        return None
+    key = (_public_data, df)
+    public = card.memo.get(key, key)
+    if public is key:
+        found = df.ef_by_sfi(PUBLIC_DATA_SFI)
+        public = card.memo[key] = found if found is not None and not found.is_record_file else None
+    return bytes(public.data) if public is not None else None
+
+
 def select(card: VirtualCard, command: Command, pending: object) -> bytes:
     if command.p2 not in (SELECT_RETURN_FCI, SELECT_NO_RESPONSE):
         raise Refusal(SW.WRONG_P1P2)
     target = _resolve_select(card, command.p1, command.data)
     if isinstance(target, DedicatedFile):
-        answer = fci(target) if command.p2 == SELECT_RETURN_FCI else b""
+        answer = _fci_of(card, target) if command.p2 == SELECT_RETURN_FCI else b""
         reply = respond(command, answer)
         card.select_df(target)
     else:
@@ -87,12 +109,22 @@ def _resolve_select(card: VirtualCard, p1: int, data: bytes) -> DedicatedFile | 
     if p1 == 0x04:  # by DF name
         if not 1 <= len(data) <= 16:
             raise Refusal(SW.WRONG_LENGTH)
-        return _found(card.image.mf.find_by_name(bytes(data)))
+        return _found(_df_by_name(card, bytes(data)))
     if p1 in (0x08, 0x09):  # path from the MF / from the current DF
         if not data or len(data) % FID_BYTES:
             raise Refusal(SW.WRONG_LENGTH)
         return _by_path(card.image.mf if p1 == 0x08 else current, data)
     raise Refusal(SW.WRONG_P1P2)
+
+
+def _df_by_name(card: VirtualCard, name: bytes) -> DedicatedFile | None:
+    names = card.memo.get(_df_by_name)
+    if names is None:
+        names = card.memo[_df_by_name] = {}
+        for df in card.image.mf.walk():
+            if df.name is not None:
+                names.setdefault(df.name, df)  # the first in walk order, as find_by_name
+    return names.get(name)
 
 
 def _found(target: DedicatedFile | ElementaryFile | None) -> DedicatedFile | ElementaryFile:

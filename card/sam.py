@@ -31,7 +31,7 @@ from .crypto import (
     tac_key,
     tdes_encrypt,
 )
-from .keys import KeyUsage, MasterKeys
+from .keys import KeyUsage, MasterKey, MasterKeys
 from .purse import TxType
 
 __all__ = [
@@ -50,10 +50,10 @@ __all__ = [
 
 TERMINAL_ID_BYTES = 6
 TERMINAL_SEQ_MAX = 0xFFFFFFFF
-# Open ciphers a SoftSam keeps: its master keys and the purchase key of each card it served lately.
-# Diversifying is one block through the open master cipher (~1 µs); opening a context for the card's
-# key costs ~10 µs, so a card tapped again (a commuter, a queue of purchases) finds its key ready.
-# Each entry is a few hundred bytes.
+# Open ciphers a SoftSam keeps: its master keys, and the purchase key (DPK) of each card it served
+# lately, by the card's serial. Diversifying is two blocks through the open master cipher and opening
+# a context for the card's key ~1-10 µs, so a card tapped again (a commuter, a queue of purchases)
+# finds its key ready. Each entry is a few hundred bytes.
 SAM_CIPHERS_MAX = 1024
 
 
@@ -179,7 +179,10 @@ class SoftSam:
         self._next_seq = next_terminal_seq
         self._session: _Session | None = None
         self._session_cipher: DesCipher | None = None  # the purchase session key's, re-keyed per session
-        self._ciphers = CipherCache(SAM_CIPHERS_MAX)
+        self._ciphers = CipherCache(SAM_CIPHERS_MAX)  # master keys
+        # (key version, application serial) -> the card's purchase key (DPK), ready; see _purchase_key_cipher
+        self._card_ciphers: dict[tuple[int, bytes], DesCipher] = {}
+        self._card_cipher_master: MasterKey | None = None
 
     def __repr__(self) -> str:
         return f"SoftSam(terminal_id={self.terminal_id.hex().upper()})"
@@ -195,12 +198,11 @@ class SoftSam:
             raise SamError("terminal transaction numbers exhausted")
         seq = self._next_seq
         self._next_seq += 1
-        dpk = self._ciphers.get(master.value.reveal()).diversify(diversification_factor(request.app_serial))
         block = request.card_random + request.offline_counter.to_bytes(2, "big") + _u32(seq)[2:4]
         # One cipher re-keyed in place per session (see VirtualCard.purchase_session_cipher); the old
         # session is dropped first, so a failure below can never leave it pointing at the new key.
         self._session = None
-        session_key8 = self._ciphers.get(dpk).session_key(block)
+        session_key8 = self._purchase_key_cipher(master, request.app_serial).session_key(block)
         session = self._session_cipher
         if session is None:
             session = self._session_cipher = DesCipher(session_key8)
@@ -210,6 +212,20 @@ class SoftSam:
                            + _date_time(request.date_time))
         self._session = _Session(session, request.amount_fen)
         return PurchaseAuthorization(seq, mac1)
+
+    def _purchase_key_cipher(self, master: MasterKey, app_serial: bytes) -> DesCipher:
+        """The open cipher of a card's DPK, diversified once per card (and master key) while it is kept."""
+        cache_key = (master.version, bytes(app_serial))
+        cipher = self._card_ciphers.get(cache_key)
+        if cipher is None or self._card_cipher_master is not master:
+            if self._card_cipher_master is not master:  # a new key file: no DPK of the old one survives
+                self._card_ciphers.clear()
+                self._card_cipher_master = master
+            elif len(self._card_ciphers) >= SAM_CIPHERS_MAX:
+                del self._card_ciphers[next(iter(self._card_ciphers))]  # the oldest card goes first
+            dpk = self._ciphers.get(master.value.reveal()).diversify(diversification_factor(app_serial))
+            cipher = self._card_ciphers[cache_key] = DesCipher(dpk)
+        return cipher
 
     def check_mac2(self, mac2: bytes) -> None:
         """CREDIT SAM FOR PURCHASE: the card's MAC2 proves it debited; raises SamMacError if not."""

@@ -4,8 +4,9 @@ access conditions, Le handling, and the status words of bad commands."""
 from __future__ import annotations
 
 import pytest
-from citycard.card import VirtualCard
-from citycard.card.purse import PURSE_AID
+from citycard.card import MasterKeys, MemoryStore, VirtualCard, personalize, profile_from_json
+from citycard.card.personalize import SAMPLE_PROFILE
+from citycard.card.purse import PUBLIC_DATA_SFI, PURSE_AID
 from citycard.card.ssse import SSSE_AID
 
 from .helpers import PIN, send
@@ -180,3 +181,16 @@ def test_update_and_append_records(card: VirtualCard, master_keys) -> None:
 )
 def test_class_and_instruction_errors(card: VirtualCard, apdu: str, sw: str) -> None:
     assert send(card, apdu) == sw
+
+
+def test_select_shows_the_public_data_as_it_is_now(master_keys: MasterKeys) -> None:
+    """The card keeps the purse's FCI between SELECTs; a change of 0015 must show in the next one."""
+    card = VirtualCard(personalize(profile_from_json(SAMPLE_PROFILE), master_keys), MemoryStore())
+    select = "00A4040009" + PURSE_AID.hex() + "00"
+    first = send(card, select)
+    assert send(card, select) == first
+    purse_df = next(df for df in card.image.mf.walk() if df.application == "purse")
+    public = purse_df.ef_by_sfi(PUBLIC_DATA_SFI)
+    public.data[-1] ^= 0xFF  # what an UPDATE BINARY of the last byte would leave
+    changed = send(card, select)
+    assert changed != first and changed[:-4].endswith(f"{public.data[-1]:02X}")

@@ -479,3 +479,43 @@ def test_garbage_is_refused(tmp_path: Path) -> None:
         FileStore(path).load()
     with pytest.raises(CardStateError, match="cannot read"):
         FileStore(tmp_path / "missing.json").load()
+
+
+def test_a_syncing_journal_is_preallocated_and_overwritten_in_place(state_path: Path, master_keys: MasterKeys,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With fsync the file keeps its length (records overwrite zeros): fdatasync then flushes data only."""
+    limit = 64 * 1024
+    monkeypatch.setattr(state_module, "JOURNAL_COMPACT_BYTES", limit)
+    card = VirtualCard.open(state_path, fsync=True)
+    terminal = make_terminal(card, master_keys)
+    terminal.verify_pin(PIN)
+    terminal.load(5_000)
+    assert state_path.stat().st_size == limit
+    for amount in range(1, 40):  # past one compaction: the rewritten journal is preallocated again
+        terminal.purchase(amount)
+        assert state_path.stat().st_size == limit
+        assert VirtualCard.open(state_path).image.to_bytes() == card.image.to_bytes()
+    raw = state_path.read_bytes()
+    whole = len(raw.rstrip(b"\0"))
+    assert raw[whole - 1 : whole] == b"\n" and not raw[whole:].strip(b"\0")
+
+
+def test_a_torn_record_in_preallocated_space_is_the_state_before(state_path: Path, master_keys: MasterKeys) -> None:
+    card = VirtualCard.open(state_path, fsync=True)
+    terminal = make_terminal(card, master_keys)
+    terminal.verify_pin(PIN)
+    terminal.load(5_000)
+    before = state_path.read_bytes()
+    whole = len(before.rstrip(b"\0"))
+    terminal.purchase(100)
+    newest = state_path.read_bytes()[whole:].rstrip(b"\0")
+    torn = before[:whole] + newest[: len(newest) // 2]
+    state_path.write_bytes(torn + bytes(len(before) - len(torn)))  # half a record, then the zeros
+    reopened = VirtualCard.open(state_path, fsync=True)
+    assert reopened.image.purse.balances[EP] == 5_000
+    assert make_terminal(reopened, master_keys).purchase(300).balance_after_fen == 4_700
+    assert VirtualCard.open(state_path).image.purse.balances[EP] == 4_700
+    default_writer = make_terminal(VirtualCard.open(state_path), master_keys)  # a writer without fsync
+    default_writer.purchase(1)
+    assert not state_path.read_bytes().endswith(b"\0"), "it trims the preallocated zeros"
+    assert VirtualCard.open(state_path).image.purse.balances[EP] == 4_699
