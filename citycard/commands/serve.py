@@ -52,5 +52,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, ready_file=args.ready_file)
     # The medical application keeps its own records beside the core's data (apps/medical/README.md).
     os.environ.setdefault("CITYCARD_MEDICAL_DIR", str(Path(args.data) / "medical"))
+    # So does the transit application (apps/bus/__init__.py); DATA/transit/ready.json says where it serves.
+    os.environ.setdefault("CITYCARD_TRANSIT_DIR", str(Path(args.data) / "transit"))
     asyncio.run(serve(config))
     return 0

@@ -58,6 +58,14 @@ def card_message(card: Card) -> cards_pb2.Card:
         changed_at=timestamp(card.changed_at_ns), replaces=card.replaces or "", replaced_by=card.replaced_by or "")
 
 
+def _card_and_categories(registry: Registry, card_number: str) -> tuple[Card, list[str]]:
+    """A card and its holder's concession categories (an employer's card has none)."""
+    card = registry.card(card_number)
+    if card.kind is not CardKind.INDIVIDUAL:
+        return card, []
+    return card, [category.value for category in registry.person(card.holder).categories]
+
+
 def person_message(person: Person) -> cards_pb2.Person:
     return cards_pb2.Person(
         id_number_masked=person.masked_id, name=person.name,
@@ -117,7 +125,8 @@ class CardsService(cards_pb2_grpc.CardsServicer):
             context, Registry.add_person, id_number=request.id_number, name=request.name, gender=gender,
             date_of_birth=request.date_of_birth, residence=request.residence,
             household_registration=request.household_registration, status=status,
-            employer=request.employer_unit_code or None, actor=request.actor, channel=COUNTER)
+            employer=request.employer_unit_code or None, categories=list(request.categories), actor=request.actor,
+            channel=COUNTER)
         return cards_pb2.AddPersonResponse(person=person_message(person))
 
     @unary("Cards.GetPerson")
@@ -136,8 +145,10 @@ class CardsService(cards_pb2_grpc.CardsServicer):
     @unary("Cards.GetCard")
     async def GetCard(self, request: cards_pb2.GetCardRequest, context: grpc.aio.ServicerContext,
                       principal: Principal) -> cards_pb2.GetCardResponse:
-        card = await self._run(context, Registry.card, request.card_number)
-        return cards_pb2.GetCardResponse(card=card_message(card))
+        card, categories = await self._run(context, _card_and_categories, request.card_number)
+        message = card_message(card)
+        message.categories.extend(categories)
+        return cards_pb2.GetCardResponse(card=message)
 
     @unary("Cards.ReportLoss")
     async def ReportLoss(self, request: cards_pb2.ReportLossRequest, context: grpc.aio.ServicerContext,
