@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "citycard.commands.denylist", "citycard.commands.audit", "citycard.commands.serve",
                    "citycard.commands.roster", "citycard.commands.batch", "citycard.commands.medical"):
         _register_optional(module, commands)
+    _register_optional("citycard.commands.transit", commands)
     return parser
 
 

@@ -100,6 +100,7 @@ __all__ = [
     "TransitLink",
     "pack_record",
     "terminal_id_for",
+    "upload_records",
 ]
 
 log = logging.getLogger("citycard.apps.bus.gate")
@@ -349,8 +350,33 @@ class GateStore:
                 raise GateError(f"{self._gate_path}: {name} is not a count")
         return state
 
+    @classmethod
+    def existing(cls, directory: Path) -> GateStore:
+        """The store a gate left in `directory` (for an upload without the gate's reader and keys)."""
+        path = Path(directory) / "gate.json"
+        if not path.exists():
+            raise GateError(f"{path}: no gate store here")
+        state = _read_json(path)
+        if not isinstance(state, dict) or not isinstance(state.get("gate_id"), str):
+            raise GateError(f"{path}: not a gate store ({STORE_FORMAT})")
+        return cls(directory, state["gate_id"])
+
     def save(self) -> None:
         _write_json(self._gate_path, self.state)
+
+    @property
+    def gate_id(self) -> str:
+        return str(self.state["gate_id"])
+
+    @property
+    def route_id(self) -> str:
+        """The line the gate served last (its records' operator is paid for them)."""
+        return str(self.state.get("route_id", ""))
+
+    def serve_route(self, route_id: str) -> None:
+        if self.state.get("route_id") != route_id:
+            self.state["route_id"] = route_id
+            self.save()
 
     @property
     def terminal_id(self) -> bytes:
@@ -684,6 +710,7 @@ class Gate:
             raise GateError("the store belongs to another terminal id")
         self.config = config
         self.store = store
+        store.serve_route(config.route_id)
         self.sam = _KeptSeqSam(make_sam, store)
         self.connect = connect
         self.fares = fares
@@ -899,35 +926,8 @@ class Gate:
 
     def upload(self, link: TransitLink | None = None,
                batch_max: int = RECORDS_PER_BATCH_MAX) -> list[transit_pb2.UploadRecordsResponse]:
-        """Send every record not yet acknowledged, in batches; a failed batch is sent again, unchanged,
-        under the same batch id by the next upload. Raises GateUnavailable when the server does not answer."""
-        link = link or self._need_link()
-        if not 1 <= batch_max <= RECORDS_PER_BATCH_MAX:
-            raise GateError(f"batch_max: 1..{RECORDS_PER_BATCH_MAX}")
-        answers: list[transit_pb2.UploadRecordsResponse] = []
-        while True:
-            batch = self.store.state["open_batch"]
-            if batch is None:
-                first = self.store.state["uploaded"]
-                count = min(len(self.store) - first, batch_max)
-                if count <= 0:
-                    return answers
-                batch = {"batch_id": f"{self.config.gate_id}-{self.config.terminal_id.hex().upper()}-{first:010d}",
-                         "first": first, "count": count}
-                self.store.state["open_batch"] = batch
-                self.store.save()  # fixed before the first try, so every retry is the same batch
-            stored = self.store.records(batch["first"], batch["count"])
-            request = transit_pb2.UploadRecordsRequest(
-                batch_id=batch["batch_id"], gate_id=self.config.gate_id, route_id=self.config.route_id,
-                packed_records=b"".join(record.packed for record in stored))
-            try:
-                answers.append(link.upload(request))
-            except grpc.RpcError as exc:
-                raise GateUnavailable(f"Transit.UploadRecords at {link.address}: {exc.code().name}: "
-                                      f"{exc.details()}") from None
-            self.store.state["uploaded"] = batch["first"] + batch["count"]
-            self.store.state["open_batch"] = None
-            self.store.save()
+        """Send the records not yet acknowledged (`upload_records`)."""
+        return upload_records(self.store, link or self._need_link(), batch_max=batch_max)
 
     def _need_link(self) -> TransitLink:
         if self.link is None:
@@ -937,3 +937,37 @@ class Gate:
 
 def _time_of(bcd: bytes) -> dt.datetime:
     return dt.datetime.strptime(bcd.hex(), "%Y%m%d%H%M%S").replace(tzinfo=clock.CITY_ZONE)
+
+
+def upload_records(store: GateStore, link: TransitLink,
+                   batch_max: int = RECORDS_PER_BATCH_MAX) -> list[transit_pb2.UploadRecordsResponse]:
+    """Send every record of `store` not yet acknowledged, in batches. A batch (its id and its records) is fixed
+    in the store before its first try, so a batch that failed is sent again unchanged, under the same id, by the
+    next upload, and the server books nothing twice. Raises GateUnavailable when the server does not answer."""
+    if not 1 <= batch_max <= RECORDS_PER_BATCH_MAX:
+        raise GateError(f"batch_max: 1..{RECORDS_PER_BATCH_MAX}")
+    answers: list[transit_pb2.UploadRecordsResponse] = []
+    while True:
+        batch = store.state["open_batch"]
+        if batch is None:
+            first = store.state["uploaded"]
+            count = min(len(store) - first, batch_max)
+            if count <= 0:
+                return answers
+            batch = {"batch_id": f"{store.gate_id}-{store.terminal_id.hex().upper()}-{first:010d}",
+                     "first": first, "count": count, "route_id": store.route_id}
+            store.state["open_batch"] = batch
+            store.save()
+        stored = store.records(batch["first"], batch["count"])
+        request = transit_pb2.UploadRecordsRequest(
+            batch_id=batch["batch_id"], gate_id=store.gate_id, route_id=batch["route_id"],
+            packed_records=b"".join(record.packed for record in stored))
+        try:
+            answers.append(link.upload(request))
+        except grpc.RpcError as exc:
+            gone = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise (GateUnavailable if gone else GateError)(
+                f"Transit.UploadRecords at {link.address}: {exc.code().name}: {exc.details()}") from None
+        store.state["uploaded"] = batch["first"] + batch["count"]
+        store.state["open_batch"] = None
+        store.save()

@@ -5,13 +5,17 @@ offline gate refusing a denylisted card, and a card pulled during DEBIT settled 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from citycard.apps.bus.capp import JourneyState, TransitRecord
-from citycard.apps.bus.gate import FixedFare, Gate, StoredRecord
+from citycard.apps.bus.gate import FixedFare, Gate, GateStore, StoredRecord
 from citycard.card import (
     CardChannel,
     IssuerHost,
@@ -198,3 +202,46 @@ def test_card_pulled_during_debit_is_settled_when_it_comes_back(
     [record] = bus.store.records()
     assert tac_ok(master_keys, record) and record.amount_fen == 400
     assert bus.tap().terminal_seq == 2  # and the next passenger's tap goes on as usual
+
+
+def citycard(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "citycard", *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[2], check=False)
+
+
+def test_cli_gate_taps_offline_with_a_trace(tmp_path: Path, slot: Slot, master_keys: MasterKeys) -> None:
+    card = new_card(tmp_path / "card.json", master_keys, slot, balance_fen=1_000)
+    store = tmp_path / "bus-1"
+    run = citycard("transit", "gate", "--reader", slot.reader.name, "--gate-id", "BUS-1", "--route", "1",
+                   "--stop", "B_RAIL", "--mode", "board", "--offline", "--store", str(store), "--keys", str(KEYS),
+                   "--fare-fen", "250", "--json", "--trace", env={"CITYCARD_NOW": "2026-11-25T07:30:00+08:00"})
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert (result["accepted"], result["fare_fen"], result["chip_balance_fen"], result["online"]) == \
+        (True, 250, 750, False)
+    assert ">> DEBIT FOR PURCHASE" in run.stderr and ">> UPDATE CAPP DATA CACHE" in run.stderr
+    assert card.image.purse.balances[EP] == 750
+    assert [r.amount_fen for r in GateStore.existing(store).records()] == [250]
+
+    again = citycard("transit", "gate", "--reader", slot.reader.name, "--gate-id", "BUS-1", "--route", "1",
+                     "--stop", "B_RAIL", "--mode", "board", "--offline", "--store", str(store), "--keys", str(KEYS),
+                     "--fare-fen", "900")
+    assert again.returncode == 1 and again.stdout.startswith("REFUSED board A00000001 (offline): "
+                                                             "INSUFFICIENT_BALANCE"), again.stdout
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--offline", "--server", "127.0.0.1:1"), "--offline: a gate with no server"),
+    (("--offline", "--terminal-id", "12"), "--terminal-id"),
+    (("--offline", "--fare-fen", "-5"), "--fare-fen"),
+    (("--data", "/nonexistent"), "ready.json not found"),
+])
+def test_cli_gate_refuses_bad_options(tmp_path: Path, extra: tuple[str, ...], message: str) -> None:
+    run = citycard("transit", "gate", "--reader", "no such reader", "--gate-id", "G", "--route", "1",
+                   "--stop", "B_RAIL", "--mode", "board", "--store", str(tmp_path / "g"), "--keys", str(KEYS), *extra)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_cli_upload_needs_a_store_and_a_server(tmp_path: Path) -> None:
+    run = citycard("transit", "upload", "--store", str(tmp_path / "none"))
+    assert run.returncode == 2 and "no gate store here" in run.stderr
