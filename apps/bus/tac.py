@@ -121,7 +121,10 @@ class CompiledTacVerifier(PyTacVerifier):
         key = _key_bytes(master_tac_key)
         super().__init__(key, threads=threads)
         self._batch = _tac.TacBatchVerifier(key)
-        self._workers: ThreadPoolExecutor | None = None
+        # Made here, not on first use, so concurrent verify calls never race to make two; its threads
+        # start with the first split batch.
+        self._workers: ThreadPoolExecutor | None = (
+            ThreadPoolExecutor(threads - 1, thread_name_prefix="tac") if threads > 1 else None)
 
     def __repr__(self) -> str:
         return f"CompiledTacVerifier(threads={self.threads}, <key redacted>)"
@@ -130,15 +133,14 @@ class CompiledTacVerifier(PyTacVerifier):
         raw = _record_bytes(records)
         count = len(records)
         ok = np.zeros(count, dtype=np.uint8)
-        parts = min(self.threads, max(1, count // THREAD_SPLIT_MIN))
+        workers = self._workers
+        parts = min(self.threads, max(1, count // THREAD_SPLIT_MIN)) if workers is not None else 1
         bounds = [count * part // parts for part in range(parts + 1)]
-        if parts == 1:
+        if parts == 1 or workers is None:
             self._batch.verify_into(raw, ok, 0, count)
             return ok.view(bool)
-        if self._workers is None:
-            self._workers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="tac")
         # The calling thread takes the first part; each part releases the GIL for its whole loop.
-        others = [self._workers.submit(self._batch.verify_into, raw, ok, bounds[p], bounds[p + 1])
+        others = [workers.submit(self._batch.verify_into, raw, ok, bounds[p], bounds[p + 1])
                   for p in range(1, parts)]
         self._batch.verify_into(raw, ok, bounds[0], bounds[1])
         for other in others:
@@ -146,7 +148,7 @@ class CompiledTacVerifier(PyTacVerifier):
         return ok.view(bool)
 
     def close(self) -> None:
-        """Stop the worker threads (a later verify starts them again)."""
+        """Stop the worker threads; later batches run on the calling thread alone."""
         workers, self._workers = self._workers, None
         if workers is not None:
             workers.shutdown(wait=True)

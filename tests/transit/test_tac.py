@@ -111,6 +111,9 @@ def test_a_large_batch_split_across_threads_agrees(master_keys: MasterKeys) -> N
     expected = sam_says(master_keys, records)
     batch = rec.pack(records)
     results = {name: make(master_keys).verify(batch) for name, make in VERIFIERS.items()}
+    closed = tac.CompiledTacVerifier.from_master_keys(master_keys, threads=2)
+    closed.close()
+    results["compiled, closed"] = closed.verify(batch)  # on the calling thread alone
     for name, result in results.items():
         assert result.dtype == bool and result.tolist() == expected.tolist(), name
     assert 0 < expected.sum() < count
