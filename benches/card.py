@@ -76,7 +76,7 @@ TERMINAL_ID = bytes.fromhex("330300000099")
 ROUND_TRIPS_ALLOWED = 4
 STATE_WRITES = 200
 ROUND_PURCHASES = 25
-BARE_FSYNCS_PER_ROUND = 5
+BARE_FSYNC_EVERY = 5  # purchases of the syncing card between two bare fsyncs
 RECORD_BYTES = 950  # about what a purchase's change record weighs
 MODES = {"default": False, "fsync": True}  # mode name -> fsync
 
@@ -194,20 +194,21 @@ class _BareFsync:
 
 def _interleaved(select: Callable[[], object], lanes: dict[str, _Lane], purchases: int,
                  selects: int, bare_fsync: _BareFsync) -> list[float]:
-    """Round by round: a share of the bare SELECTs, a few bare fsyncs, then a block of purchases on each card."""
+    """Round by round: a share of the bare SELECTs, then a block of purchases on each card (with a bare
+    fsync now and then between the syncing card's purchases, outside their timing)."""
     select_s: list[float] = []
     rounds = math.ceil(purchases / ROUND_PURCHASES)
     selects_per_round = math.ceil(selects / rounds)
     for round_index in range(rounds):
         for _ in range(min(selects_per_round, selects - len(select_s))):
             _timed_once(select, select_s)
-        for _ in range(BARE_FSYNCS_PER_ROUND):
-            bare_fsync.once()
         block = min(ROUND_PURCHASES, purchases - round_index * ROUND_PURCHASES)
-        for lane in lanes.values():
+        for mode, lane in lanes.items():
             purchase_one_fen = functools.partial(lane.terminal.purchase, 1)
-            for _ in range(block):
+            for index in range(block):
                 _timed_once(purchase_one_fen, lane.purchase_s)
+                if MODES[mode] and index % BARE_FSYNC_EVERY == 0:
+                    bare_fsync.once()  # spaced like the card's own syncs: back to back, they cost more here
     return select_s
 
 
