@@ -353,3 +353,14 @@ def test_messages_become_records_and_bad_ones_are_reported() -> None:
     assert "20 hex digits" in checked.problems[0].reason and "out of range" in checked.problems[1].reason
     assert not records[1:4].view(np.uint8).any()  # a message that could not be packed keeps a zero record
 
+
+
+def test_the_public_names_are_pinned() -> None:
+    assert set(rec.__all__) == {
+        "RECORDS_MAX", "RECORD_BYTES", "RECORD_DTYPE", "TAC_COVERED", "TRANSIT_TX_TYPES", "BatchTooLargeError",
+        "FieldProblem", "PackedRecordsError", "Record", "RecordFieldError", "Validation", "from_messages",
+        "from_packed", "pack", "to_packed", "unpack", "validate"}
+    assert set(tac.__all__) == {"IMPLEMENTATION", "MASTER_KEY_BYTES", "THREADS_DEFAULT", "THREAD_SPLIT_MIN",
+                                "CompiledTacVerifier", "PyTacVerifier", "TacVerifier"}
+    for module in (rec, tac):
+        assert all(hasattr(module, name) for name in module.__all__)
