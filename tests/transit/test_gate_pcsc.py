@@ -93,10 +93,12 @@ def slot(pcscd: PcscDaemon) -> Iterator[Slot]:
     slot.remove()
 
 
-def new_card(path: Path, keys: MasterKeys, slot: Slot, *, balance_fen: int, category: int = 0) -> VirtualCard:
+def new_card(path: Path, keys: MasterKeys, slot: Slot, *, balance_fen: int, category: int = 0,
+             card_number: str = "A00000001", app_serial: str = SERIAL) -> VirtualCard:
     """Personalise a card, insert it, load it at a counter (PIN and issuer MAC2, through PC/SC)."""
-    purse = dict(SAMPLE_PROFILE["purse"], rider_category=category)
-    FileStore(path).create(personalize(profile_from_json(dict(SAMPLE_PROFILE, purse=purse)), keys))
+    purse = dict(SAMPLE_PROFILE["purse"], rider_category=category, app_serial=app_serial)
+    ssse = dict(SAMPLE_PROFILE["ssse"], card_number=card_number)
+    FileStore(path).create(personalize(profile_from_json(dict(SAMPLE_PROFILE, purse=purse, ssse=ssse)), keys))
     card = slot.insert(path)
     counter = Terminal(CardChannel(PcscTransport(slot.reader.name)), SoftSam(keys, bytes(6)), host=IssuerHost(keys))
     try:
