@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -27,10 +28,8 @@ TERMINAL = bytes.fromhex("330300000001")
 
 
 def entered(**changes: object) -> TransitRecord:
-    fields: dict[str, object] = dict(state=JourneyState.ENTERED, category=1, tapped_at=AT, route_id="M1",
-                                     stop_id="M_SQUARE", amount_fen=600, terminal_id=TERMINAL)
-    fields.update(changes)
-    return TransitRecord(**fields)  # type: ignore[arg-type]
+    base = TransitRecord(JourneyState.ENTERED, 1, AT, "M1", "M_SQUARE", 600, TERMINAL)
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def test_record_layout_is_the_documented_one() -> None:
