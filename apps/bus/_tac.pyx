@@ -33,10 +33,11 @@ cdef enum:
     COVERED_BYTES = 22
     TAC_AT = 34
     MASTER_KEY_BYTES = 16
-    # Card keys remembered within one call: 2**CARD_KEYS_BITS slots, direct-mapped by the factor.
-    # 1,024 slots of ~140 bytes stay within L2; a batch is at most 8,189 records.
-    CARD_KEYS_BITS = 10
-    CARD_KEYS_SLOTS = 1 << CARD_KEYS_BITS
+    # Card keys remembered within one call: a direct-mapped table by the factor, of at most
+    # 2**CARD_KEYS_BITS_MAX slots; 1,024 slots of ~140 bytes stay within L2 (a batch is at most 8,189
+    # records). A small batch gets a table its size, so a single record does not pay for 140 KiB.
+    CARD_KEYS_BITS_MIN = 3
+    CARD_KEYS_BITS_MAX = 10
 
 
 cdef extern from *:
@@ -103,6 +104,7 @@ cdef class TacBatchVerifier:
         cdef Py_ssize_t records = packed.shape[0] // RECORD_BYTES
         cdef Py_ssize_t verified
         cdef CardKey *card_keys
+        cdef int bits = CARD_KEYS_BITS_MIN
         if not self._keyed:
             raise ValueError("the verifier has no key")
         if packed.shape[0] % RECORD_BYTES:
@@ -113,17 +115,19 @@ cdef class TacBatchVerifier:
             raise ValueError("the range must lie within the batch")
         if start == stop:
             return 0
-        card_keys = <CardKey *>calloc(CARD_KEYS_SLOTS, sizeof(CardKey))
+        while bits < CARD_KEYS_BITS_MAX and (1 << bits) < stop - start:
+            bits += 1
+        card_keys = <CardKey *>calloc(1 << bits, sizeof(CardKey))
         if card_keys is NULL:
             raise MemoryError()
         with nogil:
-            verified = self._verify_range(&packed[0], &ok[0], start, stop, card_keys)
-            OPENSSL_cleanse(card_keys, CARD_KEYS_SLOTS * sizeof(CardKey))
+            verified = self._verify_range(&packed[0], &ok[0], start, stop, card_keys, bits)
+            OPENSSL_cleanse(card_keys, (1 << bits) * sizeof(CardKey))
         free(card_keys)
         return verified
 
     cdef Py_ssize_t _verify_range(self, const unsigned char *packed, unsigned char *ok, Py_ssize_t start,
-                                  Py_ssize_t stop, CardKey *card_keys) noexcept nogil:
+                                  Py_ssize_t stop, CardKey *card_keys, int bits) noexcept nogil:
         cdef Py_ssize_t i, verified = 0
         cdef const unsigned char *record
         cdef DES_LONG block[2]
@@ -131,7 +135,7 @@ cdef class TacBatchVerifier:
         cdef CardKey *card
         for i in range(start, stop):
             record = packed + i * RECORD_BYTES
-            card = self._card_key(record, card_keys)
+            card = self._card_key(record, card_keys, bits)
             # CBC over amount(4) type(1) terminal(6) seq(4) date_time(7) || 80 00: three blocks.
             chain[0] = _le32(record + COVERED_AT)
             chain[1] = _le32(record + COVERED_AT + 4)
@@ -147,7 +151,7 @@ cdef class TacBatchVerifier:
             verified += ok[i]
         return verified
 
-    cdef CardKey *_card_key(self, const unsigned char *record, CardKey *card_keys) noexcept nogil:
+    cdef CardKey *_card_key(self, const unsigned char *record, CardKey *card_keys, int bits) noexcept nogil:
         """The schedule of this record's card TAC key: from this call's table, or derived into it."""
         cdef DES_LONG left[2]
         cdef DES_LONG right[2]
@@ -156,7 +160,7 @@ cdef class TacBatchVerifier:
         cdef uint32_t factor_high = _le32(record + FACTOR_AT + 4)
         cdef uint64_t factor = <uint64_t>factor_low | (<uint64_t>factor_high << 32)
         # Fibonacci hashing: the top bits of factor * 2**64/phi spread serials that differ in any digit.
-        cdef CardKey *card = &card_keys[(factor * FIBONACCI_64) >> (64 - CARD_KEYS_BITS)]
+        cdef CardKey *card = &card_keys[(factor * FIBONACCI_64) >> (64 - bits)]
         if card.filled and card.factor == factor:
             return card
         left[0] = factor_low

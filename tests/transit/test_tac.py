@@ -119,6 +119,17 @@ def test_a_large_batch_split_across_threads_agrees(master_keys: MasterKeys) -> N
     assert 0 < expected.sum() < count
 
 
+def test_cards_that_repeat_and_collide_in_a_small_batch(verifier: tac.PyTacVerifier,
+                                                        master_keys: MasterKeys) -> None:
+    """A batch's card key table has about one slot per record: 20 cards cycling through 24 records share
+    32 slots, so cards come back (a kept key) and cards land on a slot another card holds (a replaced one)."""
+    serials = [bytes.fromhex(f"3303{n:016d}") for n in range(20)]
+    records = [signed(master_keys, Record(serials[i % 20], i, 100 + i, 6, TERMINAL_ID, i + 1, GOOD_DATE_TIME,
+                                          b"", 0)) for i in range(24)]
+    records[21] = records[21]._replace(tac=records[1].tac)  # card 1 again, another record's TAC
+    assert verifier.verify(rec.pack(records)).tolist() == [i != 21 for i in range(24)]
+
+
 def test_a_non_contiguous_and_a_read_only_batch(verifier: tac.PyTacVerifier, master_keys: MasterKeys) -> None:
     records = [signed(master_keys, Record(bytes(10), n, 100 + n, 6, TERMINAL_ID, n + 1, GOOD_DATE_TIME, b"", 0))
                for n in range(10)]
