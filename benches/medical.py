@@ -91,8 +91,13 @@ def prepare(core: dict, medical_ready: dict, persons: int) -> tuple[list[tuple[s
     return people, token.bearer_token
 
 
-def client(index: int, address: str, token: str, people: list[tuple[str, str]], bills: int,
+def client(index: int, address: str, token: str, people: list[tuple[str, str]], bills: int, in_flight: int,
            start_at: float, results: multiprocessing.Queue) -> None:
+    """One client process: ``in_flight`` terminals (threads), each settling its share of ``bills`` one after
+    the other; terminal t takes bills t, t + in_flight, ... (the persons repeat with the same period, so
+    no two terminals settle for the same person at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import grpc
 
     from citycard.v1 import medical_pb2, medical_pb2_grpc
@@ -110,33 +115,49 @@ def client(index: int, address: str, token: str, people: list[tuple[str, str]], 
                                         unit_price_fen=rng.randint(100, 50_000)) for _ in range(rng.randint(5, 20))]))
     while time.time() < start_at:
         time.sleep(0.001)
-    started = time.perf_counter()
-    transfers = 0
-    for request in requests:
-        receipt = stub.Settle(request, metadata=metadata, timeout=CALL_TIMEOUT_S).receipt
-        transfers += len(receipt.payments)
+    def terminal(first: int) -> int:
+        payments = 0
+        for request in requests[first::in_flight]:
+            payments += len(stub.Settle(request, metadata=metadata, timeout=CALL_TIMEOUT_S).receipt.payments)
+        return payments
+
+    with ThreadPoolExecutor(in_flight) as pool:
+        started = time.perf_counter()
+        transfers = sum(pool.map(terminal, range(in_flight)))
     results.put((index, time.perf_counter() - started, bills, transfers))
 
 
-def settle(core: dict, medical_ready: dict, clients: int, bills: int, persons_per_client: int) -> dict:
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def settle(core: dict, medical_ready: dict, clients: int, in_flight: int, bills: int, persons_per_client: int,
+           core_pid: int) -> dict:
     people, token = prepare(core, medical_ready, clients * persons_per_client)
+    pids = {"core": core_pid, "medical": int(medical_ready["pid"])}
     # spawn, not fork: this process has used gRPC (prepare), and a forked child of a gRPC process can hang
     spawn = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue = spawn.Queue()
     start_at = time.time() + 5.0  # the spawned clients import grpc and build their bills first
     workers = [spawn.Process(target=client, args=(
         n, medical_ready["address"], token, people[n * persons_per_client:(n + 1) * persons_per_client], bills,
-        start_at, results)) for n in range(clients)]
+        in_flight, start_at, results)) for n in range(clients)]
     for worker in workers:
         worker.start()
+    cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
     answers = [results.get(timeout=600) for _ in workers]
+    cpu_used = {name: cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
     for worker in workers:
         worker.join()
     elapsed = max(answer[1] for answer in answers)
     total = sum(answer[2] for answer in answers)
     transfers = sum(answer[3] for answer in answers)
-    return {"clients": clients, "settlements": total, "transfers": transfers, "seconds": round(elapsed, 3),
-            "settlements_per_s": round(total / elapsed, 1), "transfers_per_s": round(transfers / elapsed, 1)}
+    return {"clients": clients, "in_flight_per_client": in_flight, "settlements": total, "transfers": transfers, "seconds": round(elapsed, 3),
+            "settlements_per_s": round(total / elapsed, 1), "transfers_per_s": round(transfers / elapsed, 1),
+            # CPU spent per settlement by the core server and by the medical application (spawn to the end)
+            **{f"cpu_ms_per_settlement_{name}": round(1000 * used / total, 2) for name, used in cpu_used.items()}}
 
 
 def main() -> int:
@@ -145,6 +166,7 @@ def main() -> int:
     parser.add_argument("--dir", default="var/bench-medical")
     parser.add_argument("--inprocess-batches", type=int, default=30)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--in-flight", type=int, default=1, help="terminals per client, each one bill at a time")
     parser.add_argument("--bills", type=int, default=150, help="settlements per client")
     parser.add_argument("--persons-per-client", type=int, default=8)
     args = parser.parse_args()
@@ -159,7 +181,8 @@ def main() -> int:
         served.mkdir()
         process, core, medical_ready = start(served)
         try:
-            measured = settle(core, medical_ready, args.clients, args.bills, args.persons_per_client)
+            measured = settle(core, medical_ready, args.clients, args.in_flight, args.bills,
+                              max(args.persons_per_client, args.in_flight), process.pid)
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)

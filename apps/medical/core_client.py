@@ -90,6 +90,9 @@ class CoreClient:
         found = self._call(self.ledger.LookupAccounts, ledger_pb2.LookupAccountsRequest(ids=[account_id])).accounts
         return found[0] if found else None
 
+    def accounts(self, account_ids: list[str]) -> list[ledger_pb2.Account]:
+        return list(self._call(self.ledger.LookupAccounts, ledger_pb2.LookupAccountsRequest(ids=account_ids)).accounts)
+
     def available_fen(self, account_id: str) -> int:
         answer = self._call(self.ledger.GetAccountBalance, ledger_pb2.GetAccountBalanceRequest(account_id=account_id))
         return int(answer.balance.available_fen)

@@ -19,7 +19,6 @@ import datetime as _dt
 import io
 import json
 import re
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +36,9 @@ __all__ = ["CSV_COLUMNS", "OutOfCity", "clearing_tag", "partner_of_tag", "report
 HOME_NUMBER = re.compile(r"^[0-9A-Z]{6,30}$")
 TAG_SHIFT = 96
 REPORT_DAYS_MAX = 366
+INTENT_SQL = ("INSERT INTO out_of_city_bills (key, partner, home_number, institution, digest, visit, day, year, at_ns, "
+              "total_fen, home_fund_fen, insured_fen, body, status) VALUES "
+              "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent')")
 CSV_COLUMNS = ("partner_city", "bill", "institution", "day", "holder", "visit", "total_fen", "home_fund_fen",
                "insured_fen", "transfer_id", "on_ledger")
 
@@ -135,8 +137,9 @@ class OutOfCity:
                     "user_data": clearing_tag(home_city, key)})
             receipt = self._receipt(key, institution, bill_no, place.name, partner, home_number, split, now,
                                     transfers)
-            self._insert(key, digest, partner.code, home_number, institution, split, now, receipt)
-            self.medical._send(transfers, "out_of_city_bills", key)
+            self.medical.booker.book("out_of_city_bills", key, transfers,
+                                     self._intent(key, digest, partner.code, home_number, institution, split, now,
+                                                  receipt))
             return receipt
 
     def _split(self, partner: PartnerCity, bill: Any, level: Any, home_number: str, day: _dt.date) -> Split:
@@ -169,18 +172,12 @@ class OutOfCity:
                          for t in transfers],
             "transfers": transfers}
 
-    def _insert(self, key: str, digest: str, partner: str, home_number: str, institution: str, split: Split,
-                now: _dt.datetime, receipt: dict[str, Any]) -> None:
-        try:
-            with self.store.transaction() as db:
-                db.execute("INSERT INTO out_of_city_bills (key, partner, home_number, institution, digest, visit, "
-                           "day, year, at_ns, total_fen, home_fund_fen, insured_fen, body, status) VALUES "
-                           "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent')",
-                           (key, partner, home_number, institution, digest, split.visit.value, now.date().isoformat(),
-                            now.year, clock.now_ns(), split.total_fen, split.pooled_fund_fen, split.insured_fen,
-                            dumps(receipt)))
-        except sqlite3.IntegrityError:
-            raise MedicalError("already_exists", f"{key} was submitted before with different content") from None
+    @staticmethod
+    def _intent(key: str, digest: str, partner: str, home_number: str, institution: str, split: Split,
+                now: _dt.datetime, receipt: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+        return (INTENT_SQL,
+                (key, partner, home_number, institution, digest, split.visit.value, now.date().isoformat(), now.year,
+                 clock.now_ns(), split.total_fen, split.pooled_fund_fen, split.insured_fen, dumps(receipt)))
 
     # -- the clearing report ---------------------------------------------------------------------------
 

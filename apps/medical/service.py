@@ -15,11 +15,14 @@ import datetime as _dt
 import hashlib
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from citycard.apps.medical.contributions import ContributionImport, ImportRefused, parse_contributions
 from citycard.apps.medical.core_client import CoreClient, CoreError
+from citycard.apps.medical.errors import MedicalError
+from citycard.apps.medical.group_commit import AccountLookups, Booker
 from citycard.apps.medical.institutions import Institution, InstitutionError, Institutions
 from citycard.apps.medical.policy import DEFAULT_POLICY_BOOK, PER_MILLE, PolicyBook
 from citycard.apps.medical.split import Bill, BillError, BillItem, Split, VisitType, split_bill
@@ -35,18 +38,10 @@ __all__ = ["MedicalError", "MedicalService", "transfer_id"]
 NUMBER_LENGTH_MAX = 40
 ACCOUNT_CACHE_MAX = 1_000_000
 PERSON_LOCKS = 1024
-REASON_BY_LEDGER_RESULT = {
-    "DEBIT_ACCOUNT_FROZEN": ("account_frozen", "the medical personal account is frozen (written loss report)"),
-    "EXCEEDS_CREDITS": ("balance_changed", "the personal account balance changed during settlement; try again"),
-    "EXCEEDS_REFUNDABLE_AMOUNT": ("exceeds_refundable", "the refund exceeds what is left of the original"),
-}
-
-
-class MedicalError(Exception):
-    def __init__(self, reason: str, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.field = field
+CALL_THREADS = 16  # core calls made beside a settlement's own (its card while its account is looked up)
+BILL_INTENT_SQL = ("INSERT INTO bills (key, institution, bill_no, digest, id_number, card_number, visit, day, year, "
+                   "at_ns, total_fen, pooled_fen, personal_fen, insured_fen, body, status) VALUES "
+                   "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent')")
 
 
 def transfer_id(*parts: str) -> int:
@@ -98,6 +93,10 @@ class MedicalService:
         # a bounded number of locks however many people are insured.
         self._person_locks = tuple(threading.Lock() for _ in range(PERSON_LOCKS))
         self._account_ids: dict[str, str] = {}
+        self._registry: Institutions | None = None  # read once, dropped when an institution changes
+        self.booker = Booker(store, core)
+        self.lookups = AccountLookups(core)
+        self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="medical-core")
 
     def recover(self) -> dict[str, int]:
         """Finish the bookings a crash left as intents (at start, before serving): each is sent again with
@@ -118,8 +117,12 @@ class MedicalService:
 
     def institutions(self) -> Institutions:
         import json
-        return Institutions(Institution.from_json(json.loads(row["body"]))
-                            for row in self.store.all("SELECT body FROM institutions"))
+        registry = self._registry
+        if registry is None:
+            registry = Institutions(Institution.from_json(json.loads(row["body"]))
+                                    for row in self.store.all("SELECT body FROM institutions"))
+            self._registry = registry
+        return registry
 
     def add_institution(self, institution: Institution, token_sha256: str = "") -> None:
         import sqlite3
@@ -127,11 +130,12 @@ class MedicalService:
             with self.store.transaction() as db:
                 db.execute("INSERT INTO institutions (code, body, token_sha256) VALUES (?, ?, ?)",
                            (institution.code, dumps(institution.to_json()), token_sha256))
+                self._registry = None
         except sqlite3.IntegrityError:
             raise MedicalError("already_exists", f"institution {institution.code} is registered already") from None
 
     def close_institution(self, code: str, on: _dt.date) -> Institution:
-        registry = self.institutions()
+        registry = Institutions(self.institutions())  # a copy: the cached one changes only once stored
         try:
             closed = registry.close(code, on)
         except InstitutionError as exc:
@@ -139,6 +143,7 @@ class MedicalService:
             raise MedicalError(reason, str(exc), field="code") from None
         with self.store.transaction() as db:
             db.execute("UPDATE institutions SET body = ? WHERE code = ?", (dumps(closed.to_json()), code))
+            self._registry = None
         return closed
 
     def institution_of_token(self, token_sha256: str) -> str | None:
@@ -164,8 +169,11 @@ class MedicalService:
             number = validate_citizen_id(id_number).number
         except (IdentityError, TypeError) as exc:
             raise MedicalError("invalid", f"id_number: {exc}", field="id_number") from None
+        asked = self._calls.submit(self.core.card, card_number)  # overlaps the account's look-up below
+        account_id = self.medical_account_id(number)
+        account = self.lookups.account(account_id)  # one LookupAccounts for concurrent settlements' accounts
         try:
-            card = self.core.card(card_number)
+            card = asked.result()
         except CoreError as exc:
             raise MedicalError("card_refused", f"card {card_number!r} is unknown ({exc})") from None
         if card.holder_masked != mask_id(number):
@@ -173,8 +181,6 @@ class MedicalService:
         if card.state != cards_pb2.CARD_STATE_ACTIVE:
             why = CARD_STATE_WORDS.get(card.state, cards_pb2.CardState.Name(card.state))
             raise MedicalError("card_refused", f"card {card.card_number} is {why}; it may not settle")
-        account_id = self.medical_account_id(number)
-        account = self.core.account(account_id)
         if account is None:
             raise MedicalError("not_found", f"{mask_id(number)} has no medical account")
         if check_frozen and account.frozen:
@@ -254,10 +260,12 @@ class MedicalService:
     def _split(self, bill: Bill, place: Institution, insured: Insured, day: _dt.date) -> Split:
         # The balance read with the card check; if it moved since (a concurrent bill of the same person is
         # excluded by the person lock; a contribution only adds), the ledger still refuses an overdraft.
-        available = 0 if bill.visit is VisitType.INPATIENT else insured.available_fen
-        try:
+        inpatient = bill.visit is VisitType.INPATIENT
+        available = 0 if inpatient else insured.available_fen
+        try:  # the pooled fund pays inpatient bills only: the year's total is read for those
             return split_bill(bill, self.policies.at(day), level=place.level, personal_available_fen=available,
-                              pooled_paid_this_year_fen=self._pooled_paid(insured.id_number, day.year))
+                              pooled_paid_this_year_fen=self._pooled_paid(insured.id_number, day.year) if inpatient
+                              else 0)
         except ValueError as exc:
             raise MedicalError("invalid", str(exc), field="items") from None
 
@@ -299,22 +307,8 @@ class MedicalService:
 
     def _send(self, transfers: list[dict[str, Any]], table: str, key: str) -> None:
         """Book a request of linked transfers (as stored in an intent) and mark the intent booked; on a
-        refusal drop the intent and raise the ledger's reason."""
-        if transfers:
-            messages = [ledger_pb2.Transfer(**transfer, linked=index < len(transfers) - 1)
-                        for index, transfer in enumerate(transfers)]
-            booking = self.core.book(messages)
-            if not booking.booked and not booking.replayed:
-                with self.store.transaction() as db:
-                    db.execute(f"DELETE FROM {table} WHERE key = ? AND status = 'intent'", (key,))
-                index, result = booking.failure()
-                reason, message = REASON_BY_LEDGER_RESULT.get(result, ("ledger_refused", f"the ledger refused: {result}"))
-                if result == "EXCEEDS_CREDITS" and 0 <= index < len(transfers) \
-                        and transfers[index]["ledger"] == LedgerId.PURSE:
-                    reason, message = "epurse_insufficient", "the e-purse balance does not cover the insured's share"
-                raise MedicalError(reason, f"{key}: {message} ({result}); nothing was booked")
-        with self.store.transaction(durable=False) as db:  # derivable: a resend finds the booking again
-            db.execute(f"UPDATE {table} SET status = 'booked' WHERE key = ?", (key,))
+        refusal drop the intent and raise the ledger's reason. Grouped with concurrent requests."""
+        self.booker.book(table, key, transfers)
 
     def _book_bill(self, key: str, digest: str, institution: str, bill_no: str, place: Institution,
                    insured: Insured, split: Split, payments: list[tuple[Any, ...]], now: _dt.datetime,
@@ -338,14 +332,11 @@ class MedicalService:
                          for payer, tid, _, amount, _, _ in payments],
             "transfers": transfers, **(extra or {})}
         receipt["epurse_status"] = "held" if receipt["epurse_held_fen"] else ""
-        with self.store.transaction() as db:
-            db.execute("INSERT INTO bills (key, institution, bill_no, digest, id_number, card_number, visit, day, "
-                       "year, at_ns, total_fen, pooled_fen, personal_fen, insured_fen, body, status) VALUES "
-                       "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent')",
-                       (key, institution, bill_no, digest, insured.id_number, insured.card_number, split.visit.value,
-                        now.date().isoformat(), now.year, clock.now_ns(), split.total_fen, split.pooled_fund_fen,
-                        split.personal_account_fen, split.insured_fen, dumps(receipt)))
-        self._send(transfers, "bills", key)
+        intent = (BILL_INTENT_SQL,
+                  (key, institution, bill_no, digest, insured.id_number, insured.card_number, split.visit.value,
+                   now.date().isoformat(), now.year, clock.now_ns(), split.total_fen, split.pooled_fund_fen,
+                   split.personal_account_fen, split.insured_fen, dumps(receipt)))
+        self.booker.book("bills", key, transfers, intent)  # the intent, then the chain, grouped (group_commit.py)
         if split.visit is VisitType.INPATIENT:  # the card was checked at admission, not now
             receipt["balance_after_fen"] = self.core.available_fen(insured.account_id)
         else:

@@ -274,7 +274,7 @@ def test_a_booking_whose_answer_was_lost_completes_on_resend_without_booking_twi
 
     id_number, card = world.person()
     fund(world, id_number, 50_000, id_number + "l")
-    world.service.core = _LostAnswer(world.service.core)
+    world.service.core = world.service.booker.core = _LostAnswer(world.service.core)
     with pytest.raises(CoreError):
         settle(world, id_number, card, "B0100")
     assert available(world, id_number) == 34_345          # booked in the ledger ...
@@ -288,7 +288,7 @@ def test_a_booking_whose_answer_was_lost_completes_on_resend_without_booking_twi
 def test_intents_left_by_a_crash_are_finished_at_start(world: World):
     id_number, card = world.person()
     fund(world, id_number, 50_000, id_number + "c")
-    world.service.core = _LostAnswer(world.service.core)
+    world.service.core = world.service.booker.core = _LostAnswer(world.service.core)
     with pytest.raises(Exception, match="connection lost"):
         settle(world, id_number, card, "B0200")
     assert world.service.expense_records(id_number) == []
