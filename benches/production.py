@@ -43,13 +43,17 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-SIZES_DEFAULT = (10_000, 100_000)
+SIZES_DEFAULT = (25_000, 50_000, 100_000)
 PERSONS_PER_EMPLOYER = 500
 PHOTOS_DEFAULT = 400
 PHOTO_EXTRAPOLATION = 100_000
 CHUNK_PHOTOS = 5000
 LINKS_PER_FILE = 30_000
 TARGET_S = 60.0  # 100,000 persons from import to print file
+INCLUDES = ("timed: roster import (read the DBF/CSV and check every row in --jobs processes, write the entries), "
+            "batch create (register the persons, order the cards, one batch per employer), print export (the GBK "
+            "print DBFs in --jobs processes, photos hard-linked); not timed: the employers, writing the roster "
+            "file, the photos (intake is apart: photo_intake)")
 
 
 def machine() -> dict[str, Any]:
@@ -134,6 +138,39 @@ def _memory_mib() -> dict[str, float]:
     return {"anon": round(values.get("RssAnon", 0.0), 1), "file": round(values.get("RssFile", 0.0), 1)}
 
 
+class _HeapPeak:
+    """The largest anonymous resident memory seen at the steps' progress calls (every piece of the
+    roster, every batch): the kernel keeps a peak of the whole RSS only, and most of that is LMDB's
+    file map, which is the data file's pages, not the program's heap."""
+
+    def __init__(self) -> None:
+        self.peak_mib = 0.0
+
+    def __call__(self, phase: str, done: int, total: int | None) -> None:
+        self.peak_mib = max(self.peak_mib, _memory_mib()["anon"])
+
+
+def _cpu_s() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its children that have ended."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def _step(figures: dict[str, Any], name: str, heap: _HeapPeak, run: Any) -> Any:
+    """Run one step; record its wall seconds, its CPU seconds (this process, and the worker processes
+    it started: on a shared machine the CPU seconds say more than the wall clock), and the memory."""
+    own_before, workers_before = _cpu_s()
+    started = time.perf_counter()
+    result = run()
+    figures[f"{name}_s"] = round(time.perf_counter() - started, 2)
+    own_after, workers_after = _cpu_s()
+    figures[f"{name}_cpu_s"] = {"main": round(own_after - own_before, 2),
+                                "workers": round(workers_after - workers_before, 2)}
+    heap(name, 0, None)
+    figures[f"rss_after_{name}_mib"] = _memory_mib()
+    return result
+
+
 def run_size(size: int, roster_format: str, jobs: int, workdir: Path) -> dict[str, Any]:
     from citycard.apps.production import (
         ProductionStore,
@@ -155,36 +192,33 @@ def run_size(size: int, roster_format: str, jobs: int, workdir: Path) -> dict[st
         roster = setup.submit(_write_roster, workdir / f"roster.{roster_format}", size, units, roster_format).result()
     store = ProductionStore(registry.ledger, data)
     settings = load_production_settings(data)
-    figures: dict[str, Any] = {"persons": size, "employers": len(units), "roster": roster_format}
+    figures: dict[str, Any] = {"persons": size, "employers": len(units), "roster": roster_format, "jobs": jobs}
+    heap = _HeapPeak()
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS counts from here: the operator's steps
 
-    started = time.perf_counter()
-    imported = import_roster(registry, store, roster, actor="bench", at=at)
-    figures["import_s"] = time.perf_counter() - started
-    figures["rss_after_import_mib"] = _memory_mib()
+    imported = _step(figures, "import", heap, lambda: import_roster(registry, store, roster, actor="bench", at=at,
+                                                                      jobs=jobs, progress=heap))
     if imported.record.accepted != size:
         raise RuntimeError(f"{imported.record.accepted} of {size} rows accepted: {imported.problems[:3]}")
 
-    _put_photos(registry, store, settings, size, at)
+    _put_photos(registry, store, settings, size, at)  # not timed: photo intake happens over days
 
-    started = time.perf_counter()
-    created = create_batches(registry, store, settings, actor="bench", at=at)
-    figures["batch_create_s"] = time.perf_counter() - started
-    figures["rss_after_batch_create_mib"] = _memory_mib()
+    created = _step(figures, "batch_create", heap, lambda: create_batches(registry, store, settings, actor="bench",
+                                                                           at=at, progress=heap))
     figures["batches"] = len(created.batches)
-
-    started = time.perf_counter()
-    exports = export_print(registry, store, settings, [batch.batch_id for batch in created.batches],
-                           workdir / "out", actor="bench", at=at, jobs=jobs)
-    figures["export_print_s"] = time.perf_counter() - started
-    figures["rss_after_export_mib"] = _memory_mib()
+    exports = _step(figures, "export_print", heap, lambda: export_print(
+        registry, store, settings, [batch.batch_id for batch in created.batches], workdir / "out", actor="bench",
+        at=at, jobs=jobs, progress=heap))
     figures["ledger_file_mib"] = round(sum(path.stat().st_size for path in (data / "ledger").iterdir()) / 2**20, 1)
     if sum(export.rows for export in exports) != size:
         raise RuntimeError("the print files do not hold every row")
     registry.close()
-    figures["import_to_print_file_s"] = figures["import_s"] + figures["batch_create_s"] + figures["export_print_s"]
-    figures["persons_per_s"] = size / figures["import_to_print_file_s"]
-    figures["peak_rss_mib"] = _peak_rss_mib()
+    steps = ("import", "batch_create", "export_print")
+    figures["import_to_print_file_s"] = round(sum(figures[f"{step}_s"] for step in steps), 2)
+    figures["import_to_print_file_cpu_s"] = round(sum(sum(figures[f"{step}_cpu_s"].values()) for step in steps), 2)
+    figures["persons_per_s"] = round(size / figures["import_to_print_file_s"])
+    figures["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    figures["peak_heap_mib"] = heap.peak_mib
     return figures
 
 
@@ -261,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = [int(size) for size in args.sizes.split(",") if size]
     runs = [_run_child(str(size), args) for size in sizes]
-    report: dict[str, Any] = {"machine": machine(), "runs": runs, "target_s_for_100000": TARGET_S}
+    report: dict[str, Any] = {"machine": machine(), "load_average": os.getloadavg(), "includes": INCLUDES,
+                              "runs": runs, "target_s_for_100000": TARGET_S}
+    if len(runs) > 1:
+        smallest, largest = runs[0], runs[-1]
+        report["growth"] = {name: round(largest[name] / smallest[name], 2) for name in
+                            ("persons", "import_to_print_file_s", "peak_rss_mib", "peak_heap_mib")}
     if args.photos:
         report["photo_intake"] = _run_child("photos", args)
     if args.json:
@@ -272,13 +311,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_table(report: dict[str, Any]) -> None:
-    print(f"machine: {report['machine']}")
-    columns = ("persons", "employers", "batches", "import_s", "batch_create_s", "export_print_s",
-               "import_to_print_file_s", "persons_per_s", "peak_rss_mib")
+    print(f"machine: {report['machine']}, load average {report['load_average']}")
+    columns = ("persons", "batches", "import_s", "batch_create_s", "export_print_s", "import_to_print_file_s",
+               "import_to_print_file_cpu_s", "persons_per_s", "peak_rss_mib", "peak_heap_mib")
     print("  ".join(f"{name:>22}" for name in columns))
     for run in report["runs"]:
         print("  ".join(f"{run[name]:>22.1f}" if isinstance(run[name], float) else f"{run[name]:>22}"
                         for name in columns))
+    if "growth" in report:
+        print(f"largest / smallest run: {report['growth']}")
     if "photo_intake" in report:
         print(f"photo intake: {report['photo_intake']}")
 

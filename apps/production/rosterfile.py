@@ -37,7 +37,7 @@ import dbf
 
 from .errors import ProductionError, RowProblem
 
-__all__ = ["COLUMNS", "REQUIRED_COLUMNS", "RawRow", "RosterFile", "detect_text_encoding"]
+__all__ = ["COLUMNS", "REQUIRED_COLUMNS", "Piece", "RawRow", "RecordRange", "RosterFile", "detect_text_encoding"]
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "id_number": ("SFZHM", "SFZH", "GMSFHM", "身份证号码", "身份证号", "公民身份号码", "ID_NUMBER"),
@@ -66,6 +66,17 @@ class RawRow:
     number: int
     values: dict[str, Any]
     problem: RowProblem | None = None  # the record could not be read at all (bytes, field count)
+
+
+@dataclass(frozen=True)
+class RecordRange:
+    """DBF records ``start`` to ``stop`` (0-based, stop excluded): a piece that its reader reads."""
+
+    start: int
+    stop: int
+
+
+Piece = RecordRange | list[RawRow]
 
 
 @dataclass
@@ -176,7 +187,33 @@ class RosterFile:
     # -- rows ------------------------------------------------------------------------------------------
 
     def rows(self) -> Iterator[RawRow]:
-        yield from (self._dbf_rows() if self.format == "dbf" else self._csv_rows())
+        yield from (self._dbf_rows(0, None) if self.format == "dbf" else self._csv_rows())
+
+    def pieces(self, rows_per_piece: int) -> Iterator[Piece]:
+        """The file in pieces of about ``rows_per_piece`` records that can be read and checked apart, in
+        file order: record ranges of a DBF table (whoever checks a range reads it, which is most of the
+        work), lists of rows of a CSV (read here: the csv module is quick, and a CSV cannot be split
+        without reading it)."""
+        if self.format == "dbf":
+            records = self._dbf_record_count()
+            for start in range(0, records, rows_per_piece):
+                yield RecordRange(start, min(records, start + rows_per_piece))
+            return
+        piece: list[RawRow] = []
+        for raw in self._csv_rows():
+            piece.append(raw)
+            if len(piece) == rows_per_piece:
+                yield piece
+                piece = []
+        if piece:
+            yield piece
+
+    def rows_of(self, piece: Piece) -> Iterator[RawRow]:
+        """The rows of a piece that ``pieces`` gave; a DBF range counts its deleted records."""
+        if isinstance(piece, RecordRange):
+            yield from self._dbf_rows(piece.start, piece.stop)
+        else:
+            yield from piece
 
     def _csv_rows(self) -> Iterator[RawRow]:
         with self._text() as text:
@@ -202,14 +239,27 @@ class RosterFile:
                 yield RawRow(number, {canonical: cells[position].strip()
                                       for canonical, position in positions.items()})
 
-    def _dbf_rows(self) -> Iterator[RawRow]:
+    def _dbf_record_count(self) -> int:
         table = self._dbf_table()
         try:
+            records = len(table)
+        finally:
+            table.close()
+        self._check_count(records)
+        return records
+
+    def _dbf_rows(self, start: int, stop: int | None) -> Iterator[RawRow]:
+        """Records ``start`` to ``stop`` (all when None) of the table; record i is row i + 1."""
+        table = self._dbf_table()
+        try:
+            stop = len(table) if stop is None else stop
+            self._check_count(stop)
             names = {canonical: str(name).upper() for canonical, name in self.columns.items()}
             index_of = {str(name).upper(): i for i, name in enumerate(table.field_names)}
             positions = {canonical: index_of[name] for canonical, name in names.items()}
-            for number, record in enumerate(table, start=1):
-                self._check_count(number)
+            for index in range(start, stop):
+                number = index + 1
+                record = table[index]
                 if dbf.is_deleted(record):
                     self.deleted_records += 1
                     continue

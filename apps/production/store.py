@@ -27,10 +27,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 
+import orjson
 from citycard.core.identity import mask_id
 from citycard.core.ledger import Ledger
-from citycard.core.registry_records import ErrorCode
-from citycard.core.registry_store import Stage, decode, encode
+from citycard.core.registry_records import ErrorCode, RegistryError
+from citycard.core.registry_store import Stage
 
 from .errors import ProductionError
 
@@ -63,6 +64,24 @@ BATCH_ROWS_SCAN_MAX = 10_000  # a batch has at most settings.BATCH_ROWS_LIMIT ro
 BATCH_EVENTS_MAX = 200  # events kept on a batch record; older ones stay in the audit log
 BATCHES_SCAN_MAX = 100_000
 ROW_DIGITS = 6
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    """A production row as compact JSON with sorted keys (equal records are equal bytes). orjson writes
+    the bytes the registry's stdlib encoder would for these records (text, integers, lists, null) in
+    about a tenth of the time, which a batch of thousands of rows notices."""
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+
+
+def decode(value: bytes, table: str, key: bytes) -> dict[str, Any]:
+    try:
+        record = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise RegistryError("stored_row", f"table {table}, key {key!r} is not a JSON object",
+                            code=ErrorCode.FAILED_PRECONDITION)
+    return record
 
 
 class ImportState(enum.StrEnum):

@@ -26,6 +26,7 @@ from citycard.apps.production import (
     ProductionStore,
     batch_summary,
     create_batches,
+    default_jobs,
     distribute_to_employer,
     export_print,
     export_review,
@@ -79,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export-print", help="the print-data DBF and photos for the card producer")
     export.add_argument("batch", nargs="+")
     export.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the export folders go")
-    export.add_argument("--jobs", type=int, default=1, help="tables written in parallel (default 1)")
+    export.add_argument("--jobs", type=int, default=default_jobs(),
+                        help=f"tables written in parallel (default {default_jobs()}: one per core)")
     add_common_options(export, unmask=False)
     export.set_defaults(handler=export_print_command)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from citycard.apps.production import import_photos, import_roster, missing_photos
+from citycard.apps.production import default_jobs, import_photos, import_roster, missing_photos
 from citycard.commands.batch import (
     ROWS_SHOWN_MAX,
     masked,
@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="auto: UTF-8 if the whole file is, else GBK (a DBF: its code page byte, else GBK)")
     load.add_argument("--report", type=Path, default=None, metavar="CSV",
                       help="also write the rejection report here (it is always kept under DIR/production/imports)")
+    load.add_argument("--jobs", type=int, default=default_jobs(),
+                      help=f"processes reading and checking the rows (default {default_jobs()}: one per core)")
     add_common_options(load, unmask=False)
     load.set_defaults(handler=import_roster_command)
 
@@ -50,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     photo_commands = photos.add_subparsers(dest="photos_command", required=True, metavar="PHOTOS_COMMAND")
     intake = photo_commands.add_parser("import", help="take in a folder of photos named by ID number")
     intake.add_argument("folder", type=Path)
-    intake.add_argument("--jobs", type=int, default=1, help="photos converted in parallel (default 1)")
+    intake.add_argument("--jobs", type=int, default=default_jobs(),
+                        help=f"photos converted in parallel (default {default_jobs()}: one per core)")
     intake.add_argument("--report", type=Path, default=None, metavar="CSV",
                         help="write the refused photos and the persons without one here")
     add_common_options(intake)
@@ -67,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def import_roster_command(args: argparse.Namespace) -> int:
     with production(args) as ctx, progress_bar(args) as progress:
         result = import_roster(ctx.registry, ctx.store, args.file, actor=operator(args), encoding=args.encoding,
-                               progress=progress)
+                               progress=progress, jobs=max(1, args.jobs))
     if args.report is not None:
         shutil.copyfile(result.report_path, args.report)
     record = result.record

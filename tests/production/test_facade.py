@@ -16,7 +16,8 @@ def test_the_facade_exports_exactly_these_names() -> None:
         "EntryState", "HeldBack", "ImportRecord", "ImportResult", "PersonalizeResult", "PhotoImportResult",
         "PhotoProblem", "PhotoSpec", "PrintExport", "PrintedResult", "ProductionError", "ProductionSettings",
         "ProductionStore", "ReviewResult", "RosterEntry", "RowProblem", "RowState", "activate", "activate_financial",
-        "batch_summary", "card_profile", "convert_photo", "create_batches", "distribute_to_employer", "export_print",
+        "batch_summary", "card_profile", "convert_photo", "create_batches", "default_jobs", "distribute_to_employer",
+        "export_print",
         "export_review", "hand_over", "import_photos", "import_review", "import_roster", "load_production_settings",
         "missing_photos", "open_chip", "personalize_batch", "register_printed"])
     assert all(hasattr(production, name) for name in production.__all__)

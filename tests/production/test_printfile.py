@@ -65,3 +65,29 @@ def test_parallel_export_of_several_batches(prod: Production) -> None:
     again = export_print(prod.registry, prod.store, prod.settings, [first], prod.files / "out", actor="op")
     assert again[0].table.read_bytes() == exports[0].table.read_bytes()  # re-exported in place, same bytes
     assert [event["event"] for event in prod.store.batch(first).events] == ["create", "export_print", "export_print"]
+
+
+def test_the_print_table_has_the_bytes_of_every_field_set_on_every_record(tmp_path) -> None:
+    """write_print_table sets only the columns that differ between rows; the table must be the one the
+    dbf package writes when every field of every record is set, also when a column that is usually the
+    same (the issue date: a card reused from a rejected row was ordered earlier) differs in one row."""
+    import dbf
+    from citycard.apps.production.printfile import DBF_CODEPAGE, write_print_table
+
+    day = dt.date(2025, 9, 30)
+    rows = [{"row": number, "name": name, "gender": "12"[number % 2], "id_number": f"37010219850312{number:04d}",
+             "date_of_birth": dt.date(1985, 3, 12), "nationality": "CHN", "card_number": f"A{number:08d}",
+             "card_id_code": f"{number:032X}", "issuing_organisation": "济南市人力资源和社会保障局",
+             "issue_date": day if number != 3 else dt.date(2025, 9, 1), "expiry_date": dt.date(2035, 9, 30),
+             "photo_file": f"37010219850312{number:04d}.jpg", "employer": UNIT, "employer_name": UNIT_NAME,
+             "batch_id": "B000001"} for number, name in enumerate(HARD_NAMES, start=1)]
+    write_print_table(tmp_path / "fast.dbf", rows)
+    specs = "; ".join(f"{name} {kind}" for name, kind, _ in PRINT_COLUMNS)
+    reference = dbf.Table(str(tmp_path / "reference.dbf"), specs, codepage=DBF_CODEPAGE, dbf_type="db3")
+    with reference.open(dbf.READ_WRITE):
+        for values in rows:
+            reference.append(tuple(values[key] for _, _, key in PRINT_COLUMNS))
+    assert (tmp_path / "fast.dbf").read_bytes() == (tmp_path / "reference.dbf").read_bytes()
+    records = list(dbfread.DBF(str(tmp_path / "fast.dbf")))
+    assert [record["FKRQ"] for record in records] == [day, day, dt.date(2025, 9, 1), day, day]
+    assert [record["XM"] for record in records] == list(HARD_NAMES)

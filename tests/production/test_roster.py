@@ -196,3 +196,32 @@ def test_an_interrupted_import_blocks_batches_until_the_file_is_imported_again(
     assert finished.resumed and finished.record.new == 7 and finished.record.committed_rows == 7
     assert not prod.store.incomplete_imports()
     assert all(prod.store.entry(person.id_number) is not None for person in people)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "dbf"])
+def test_rows_checked_by_worker_processes_give_the_same_import(prod: Production, monkeypatch: pytest.MonkeyPatch,
+                                                               fmt: str) -> None:
+    """Pieces of 3 rows checked by 2 worker processes: the same problems, in the same order, and the
+    same entries as one process; a duplicate whose rows are in different pieces is still found."""
+    people = prod.people(8)
+    bad = [_man(201, ethnicity="77"), _row(people[1], name="张重复"), _man(205, employer=OTHER_UNIT)]
+    monkeypatch.setattr(roster_module, "PIECE_ROWS", 3)
+    outcomes = []
+    for jobs in (1, 2):
+        name = f"roster-{jobs}.{fmt}"
+        if fmt == "csv":
+            path = roster_with(prod, people, extra_rows=bad, name=name)
+        else:
+            dbf_rows = [(*row[:2], {"男": "1", "女": "2"}[row[2]], dt.date.fromisoformat(row[3]), *row[4:])
+                        for row in bad]
+            path = write_roster_dbf(prod.files / name, people, extra_rows=dbf_rows)
+        result = import_roster(prod.registry, prod.store, path, actor="op", jobs=jobs)
+        outcomes.append(([(p.row, p.field, p.reason) for p in result.problems], result.record.accepted))
+        if jobs == 1:
+            entries = {person.id_number: prod.store.entry(person.id_number) for person in people}
+    assert outcomes[0] == outcomes[1]
+    problems, accepted = outcomes[1]
+    assert [(row, field) for row, field, _ in problems] == [(2, "id_number"), (9, "ethnicity"), (10, "id_number"),
+                                                            (11, "employer")]
+    assert "also row 10" in problems[0][2] and accepted == 7
+    assert {person.id_number: prod.store.entry(person.id_number) for person in people} == entries
