@@ -178,6 +178,11 @@ def _more_acts(data: Path, console: Console) -> bool:
         except (PcscdError, VpcdError) as failure:
             console.print(f"[red]The medical act could not run: {failure}.[/]")
             return False
+    transit = _optional("citycard.transit_demo")
+    if transit is not None:
+        console.rule("[bold]Transit: a morning rush at online and offline gates, a lost card, the operators' settlement")
+        transit.run_transit_demo(_fresh(data / "demo-transit"),
+                                 lambda line: console.print(line, markup=False, highlight=False))
     card = _optional("citycard.card.demo")
     if card is not None:
         console.rule("[bold]The card itself: a virtual CPU card through real PC/SC")

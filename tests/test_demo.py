@@ -22,6 +22,9 @@ def test_demo_books_a_day_refuses_two_transfers_and_is_idempotent(tmp_path):
     assert re.search(r"Zhang Wei's card \(e-purse\)\s*│\s*PURSE\s*│\s*100\.00\s*│\s*4\.00\s*│\s*0\.00\s*│\s*96\.00", first)
     assert "back office TAC check: valid" in first  # the card act ran through real pcscd
     assert "restored" in first and "denylist" in first.lower()  # the lifecycle act ran
+    # The transit act: a card lost mid-rush is refused online and offline; both operators' days reconcile.
+    assert "(online): DENYLISTED" in first and "(offline): DENYLISTED" in first
+    assert "RECORD_FORGED" in first and first.count(": RECONCILED") == 2
     second = run_demo(tmp_path)
     assert "each resent transfer answered `exists`" in second
     assert "ledger PURSE: debits 109.00 = credits 109.00: balanced" in second

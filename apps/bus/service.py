@@ -55,6 +55,7 @@ SWEEP_S = 5.0
 NUMBER_MAX = 64
 MODE_NAMES = {transit_pb2.TAP_MODE_BOARD: "board", transit_pb2.TAP_MODE_ENTRY: "entry",
               transit_pb2.TAP_MODE_EXIT: "exit"}
+_LOW64 = (1 << 64) - 1
 REFUSAL_OF_ENGINE = {fares.Refusal.NO_FARE: transit_pb2.REFUSAL_NO_FARE,
                      fares.Refusal.ALREADY_ENTERED: transit_pb2.REFUSAL_ALREADY_ENTERED,
                      fares.Refusal.INVALID: transit_pb2.REFUSAL_INVALID}
@@ -362,6 +363,8 @@ class TransitService:
         plan = await loop.run_in_executor(None, self._plan, batch, malformed, operator)
         errors = await self.link.book_many(plan.transfers) if len(plan.transfers) else {}
         booked, booked_fen, problems = outcomes_after_booking(plan, errors)
+        if self.holds:
+            await self._close_journeys_paid_offline(raw, plan, errors)
         response = transit_pb2.UploadRecordsResponse(
             batch_id=request.batch_id, booked=booked, booked_fen=booked_fen, entry_only=plan.entry_only,
             already_cleared=sum(1 for outcome, _ in problems.values() if outcome == Outcome.ALREADY_CLEARED))
@@ -382,6 +385,35 @@ class TransitService:
         log.info("batch %s: %d booked (%d fen), %d already cleared, %d rejected, %d entry records", key, booked,
                  booked_fen, response.already_cleared, response.rejected, plan.entry_only)
         return response
+
+    async def _close_journeys_paid_offline(self, raw: np.ndarray, plan: ClearingPlan, errors: dict[int, int]) -> None:
+        """A journey entered at an online gate and left through an offline one: the chip paid the fare at the
+        exit (a composite purchase after the entry), so the ledger's hold is voided, not charged again."""
+        by_seq = {hold.purse_account & _LOW64: hold for hold in self.holds.values()}
+        for transfer_index, record_index in enumerate(plan.booked_index.tolist()):
+            if transfer_index in errors or raw[record_index, 16] != records.TxType.CAPP:
+                continue
+            seq = int(raw[record_index, 3:10].tobytes().hex())  # the serial's 14 BCD digits after the region
+            hold = by_seq.get(seq)
+            if hold is None:
+                continue
+            paid_at = _dt.datetime.strptime(raw[record_index, 27:34].tobytes().hex(), "%Y%m%d%H%M%S").replace(
+                tzinfo=clock.CITY_ZONE)
+            if int(paid_at.timestamp()) * 1_000_000_000 <= hold.entered_ns:
+                continue
+            async with self._locks.setdefault(hold.card_number, asyncio.Lock()):
+                if self.holds.get(hold.card_number) is not hold:
+                    continue
+                void = _settle_hold(derived_id("paid-offline", f"{hold.hold_id:x}"), hold, 0, 0)
+                result = await self.link.book_one(void)
+                if result not in (0, TransferResult.EXISTS, TransferResult.PENDING_TRANSFER_ALREADY_VOIDED):
+                    log.error("could not release the hold of a journey paid offline: %s", TransferResult(result).name)
+                    continue
+                self.holds.pop(hold.card_number, None)
+                self.store.close_hold(hold.card_number)
+                state = self._riders.get(hold.card_number)
+                if state is not None and state.journey is not None:
+                    self._riders[hold.card_number] = replace(state, journey=None, version=state.version + 1)
 
     def _plan(self, batch: np.ndarray, malformed: dict[int, str], operator: int) -> ClearingPlan:
         if self.tac_verifier is None:

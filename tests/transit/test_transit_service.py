@@ -308,3 +308,18 @@ def test_the_service_stops_with_the_server(tmp_path: Path) -> None:
     assert served.server.stop() == 0, served.server.log_text()
     assert not (tmp_path / "short" / "transit" / "ready.json").exists()
 
+
+
+def test_a_journey_entered_online_and_left_offline_is_charged_once(transit: Transit, gate: Gate,
+                                                                    keys: MasterKeys) -> None:
+    card = add_rider(transit.server, 203, load_fen=2_000)
+    chip = chip_terminal(card, keys, bytes.fromhex("000000000203"), load_fen=2_000)
+    entry = gate.tap(tap(card.card_number, tap_id="mix-1", route="M1", stop="M_RAIL", mode=ENTRY,
+                         at=now() - dt.timedelta(minutes=10), terminal_seq=61))
+    assert entry.accepted and entry.held_fen == 500
+    assert available(transit, card.purse_account_id) == 1_500
+    # The exit gate was offline: it debited the chip the fare itself and uploads the record later.
+    exit_record = rec.Record.from_receipt(chip.composite_purchase(400, bytes((0x02, 46)) + bytes(46)))
+    answer = upload(transit, "MIX-1", [exit_record], route="M1", gate_id="G-MIX")
+    assert answer.booked == 1
+    assert available(transit, card.purse_account_id) == 1_600  # the hold released, the fare paid once
