@@ -38,7 +38,7 @@ __all__ = ["MedicalError", "MedicalService", "transfer_id"]
 NUMBER_LENGTH_MAX = 40
 ACCOUNT_CACHE_MAX = 1_000_000
 PERSON_LOCKS = 1024
-CALL_THREADS = 16  # core calls made beside a settlement's own (its card while its account is looked up)
+CALL_THREADS = 64  # core calls made beside a settlement's own (its card while its account is looked up)
 BILL_INTENT_SQL = ("INSERT INTO bills (key, institution, bill_no, digest, id_number, card_number, visit, day, year, "
                    "at_ns, total_fen, pooled_fen, personal_fen, insured_fen, body, status) VALUES "
                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent')")
@@ -94,6 +94,7 @@ class MedicalService:
         self._person_locks = tuple(threading.Lock() for _ in range(PERSON_LOCKS))
         self._account_ids: dict[str, str] = {}
         self._registry: Institutions | None = None  # read once, dropped when an institution changes
+        self._institution_of_token: dict[str, str] = {}  # a token never changes hands (only SHA-256s kept)
         self.booker = Booker(store, core)
         self.lookups = AccountLookups(core)
         self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="medical-core")
@@ -147,9 +148,14 @@ class MedicalService:
         return closed
 
     def institution_of_token(self, token_sha256: str) -> str | None:
-        row = self.store.one("SELECT code FROM institutions WHERE token_sha256 = ? AND token_sha256 != ''",
-                             token_sha256)
-        return row["code"] if row else None
+        code = self._institution_of_token.get(token_sha256)  # every terminal request asks: kept once found
+        if code is None:
+            row = self.store.one("SELECT code FROM institutions WHERE token_sha256 = ? AND token_sha256 != ''",
+                                 token_sha256)
+            if row is None:
+                return None
+            code = self._institution_of_token[token_sha256] = row["code"]
+        return code
 
     def _institution(self, code: str, visit: VisitType, day: _dt.date) -> Institution:
         try:

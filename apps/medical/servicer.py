@@ -42,7 +42,7 @@ TOKEN_PREFIX = "ccm_"
 OPERATOR_TOKEN_FILE = "operator.token"
 READY_FILE = "ready.json"
 STORE_FILE = "medical.sqlite"
-WORKERS = 16
+WORKERS = 64  # requests in progress at once; most wait on the core, and the more wait, the larger the groups
 log = logging.getLogger("citycard.apps.medical")
 
 STATUS_OF_REASON = {

@@ -68,21 +68,32 @@ CREATE TABLE IF NOT EXISTS imports (
 
 
 class Store:
-    """One SQLite connection behind a lock (the writes are short); every change is one transaction."""
+    """Two SQLite connections, each behind its own lock: one writes (every change is one transaction), one
+    reads. WAL lets the reads go on while a commit waits for its fsync, so a look-up never queues behind
+    a group of intents being made durable; a read sees every transaction committed before it starts."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
+        memory = str(path) == ":memory:"
+        if not memory:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        self._durable = True
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+        self._reader = self._db if memory else sqlite3.connect(str(path), check_same_thread=False,
+                                                                isolation_level=None)
+        self._reader.row_factory = sqlite3.Row
+        self._read_lock = self._lock if memory else threading.Lock()
 
     def close(self) -> None:
+        with self._read_lock:
+            if self._reader is not self._db:
+                self._reader.close()
         with self._lock:
             self._db.close()
 
@@ -94,7 +105,9 @@ class Store:
         the process but maybe not of the machine, and the next durable commit makes it durable too. Only
         for rows that can be derived again (marking an intent booked: a resend re-finds the booking)."""
         with self._lock:
-            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            if durable != self._durable:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._durable = durable
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -104,13 +117,13 @@ class Store:
             self._db.execute("COMMIT")
 
     def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
-        with self._lock:
-            row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
+        with self._read_lock:
+            row: sqlite3.Row | None = self._reader.execute(sql, args).fetchone()
             return row
 
     def all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        with self._lock:
-            return list(self._db.execute(sql, args).fetchall())
+        with self._read_lock:
+            return list(self._reader.execute(sql, args).fetchall())
 
 
 def dumps(value: Any) -> str:

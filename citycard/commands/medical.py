@@ -64,8 +64,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     settle.add_argument("--card", required=True)
     settle.add_argument("--id-number", required=True)
     settle.add_argument("--visit", required=True, choices=("outpatient", "pharmacy"))
-    settle.add_argument("--epurse", action="store_true", help="pay the insured's share from the card's e-purse")
+    settle.add_argument("--epurse", action="store_true", help="hold the insured's share on the card's e-purse "
+                        "shadow; the counter terminal debits the chip and completes the payment")
     settle.set_defaults(handler=_handler(_settle))
+
+    release = commands.add_parser("epurse-release", help="the chip was not debited: release a bill's e-purse "
+                                                         "hold (the share is paid in cash)")
+    release.add_argument("--institution", required=True)
+    release.add_argument("--bill-no", required=True)
+    _client_options(release, token=True)
+    release.set_defaults(handler=_handler(_release_epurse))
 
     admit = commands.add_parser("admit", help="admit an inpatient: a hold on the pooled fund")
     admit.add_argument("--institution", required=True)
@@ -287,6 +295,13 @@ def _settle(args: argparse.Namespace) -> int:
         institution=args.institution, bill_no=args.bill_no, card_number=args.card, id_number=args.id_number,
         visit=VISITS[args.visit], items=_items(args.item), pay_insured_share_from_epurse=args.epurse),
         metadata=_metadata(args), timeout=TIMEOUT_S)
+    return _show_receipt(args, answer.receipt)
+
+
+def _release_epurse(args: argparse.Namespace) -> int:
+    answer = _stub(args).CompleteEpursePayment(medical_pb2.CompleteEpursePaymentRequest(
+        institution=args.institution, bill_no=args.bill_no, card_not_debited=True), metadata=_metadata(args),
+        timeout=TIMEOUT_S)
     return _show_receipt(args, answer.receipt)
 
 

@@ -83,3 +83,27 @@ def test_cli_close_institution_then_its_bills_are_refused(plugin_server, tmp_pat
     assert "MEDICAL_NOT_FOUND" in capsys.readouterr().err
     assert run(["medical", "institutions", "close", "P3701202", "--on", "2019-01-01", "--data", data]) == 2
     assert "MEDICAL_INVALID" in capsys.readouterr().err
+
+
+def test_cli_epurse_hold_released_when_the_chip_was_not_debited(plugin_server, tmp_path, capsys):
+    server, _ = plugin_server
+    data = str(server.data_dir)
+    id_number = citizen_id("19800101", 503)
+    card = add_person_with_card(server, id_number, load_fen=5_000)
+    assert run(["medical", "institutions", "add", "P3701203", "--name", "电子钱包药房", "--kind", "pharmacy",
+                "--services", "pharmacy", "--data", data, "--json"]) == 0
+    token_file = tmp_path / "pharmacy.token"
+    token_file.write_text(json.loads(capsys.readouterr().out)["bearer_token"])
+    assert run(["medical", "settle", "--institution", "P3701203", "--bill-no", "E1", "--card", card,
+                "--id-number", id_number, "--visit", "pharmacy", "--item", "XC01:1:2800", "--epurse",
+                "--token-file", str(token_file), "--data", data, "--json"]) == 0
+    held = json.loads(capsys.readouterr().out)
+    assert (held["insured_fen"], held["epurse_held_fen"], held["epurse_status"]) == (2_800, 2_800, "held")
+    release = ["medical", "epurse-release", "--institution", "P3701203", "--bill-no", "E1",
+               "--token-file", str(token_file), "--data", data]
+    assert run([*release, "--json"]) == 0
+    released = json.loads(capsys.readouterr().out)
+    assert (released["epurse_status"], released["epurse_fen"], released["epurse_held_fen"]) == ("released", 0, 0)
+    assert run(release) == 0 and "(replayed)" in capsys.readouterr().out   # again: the same, nothing more
+    assert run([*release[:5], "E2", *release[6:]]) == 2
+    assert "MEDICAL_NOT_FOUND" in capsys.readouterr().err
