@@ -296,16 +296,21 @@ def _accept(store: ProductionStore, path: Path, id_number: str, converted: Conve
     if isinstance(converted, PhotoRejected):
         result.problems.append(PhotoProblem(path.name, converted.field, converted.reason, who))
         return None
-    digest = hashlib.sha256(converted.data).hexdigest()
-    target = store.photos_dir / f"{id_number}-{digest[:16]}.jpg"
-    _write_atomically(target, converted.data)
-    return PhotoRecord(id_number=id_number, sha256=digest, source_name=path.name,
-                       source_sha256=converted.source_sha256, source_format=converted.source_format,
-                       source_size=list(converted.source_size), bytes=len(converted.data), taken_at=at.isoformat())
+    record = PhotoRecord(id_number=id_number, sha256=hashlib.sha256(converted.data).hexdigest(),
+                         source_name=path.name, source_sha256=converted.source_sha256,
+                         source_format=converted.source_format, source_size=list(converted.source_size),
+                         bytes=len(converted.data), taken_at=at.isoformat())
+    _write_atomically(photo_path(store, record), converted.data)
+    return record
 
 
 def photo_path(store: ProductionStore, record: PhotoRecord) -> Path:
-    return store.photos_dir / f"{record.id_number}-{record.sha256[:16]}.jpg"
+    return store.photos_dir / stored_photo_name(record)
+
+
+def stored_photo_name(record: PhotoRecord) -> str:
+    """The converted photo's file name in DIR/production/photos (a new photo never overwrites an old one)."""
+    return f"{record.id_number}-{record.sha256[:16]}.jpg"
 
 
 def _write_atomically(target: Path, data: bytes) -> None:

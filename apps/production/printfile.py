@@ -45,7 +45,7 @@ from citycard.core.registry_records import ErrorCode, as_instant
 
 from .errors import ProductionError
 from .parallel import ordered_map
-from .photos import photo_path
+from .photos import stored_photo_name
 from .settings import ProductionSettings
 from .store import Batch, BatchRow, ProductionStore, RowState
 
@@ -95,8 +95,8 @@ def print_rows(rows: Iterable[BatchRow]) -> tuple[list[BatchRow], str]:
     return rows, "proof"
 
 
-def write_print_table(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write the print-data table (values keyed by the PRINT_COLUMNS field names) to ``path``.
+def write_print_table(path: Path, rows: list[tuple[Any, ...]]) -> None:
+    """Write the print-data table to ``path``: each row holds the values of PRINT_COLUMNS, in order.
 
     The dbf package costs about 10 us for each field it sets, and most columns hold the same value on
     every row of a batch (issuing organisation, dates, employer, batch). So the first row is appended
@@ -106,36 +106,33 @@ def write_print_table(path: Path, rows: list[dict[str, Any]]) -> None:
         raise ProductionError("rows", "a print table needs at least one row")
     specs = "; ".join(f"{name} {kind}" for name, kind, _ in PRINT_COLUMNS)
     first = rows[0]
-    varying = [(name, key) for name, _, key in PRINT_COLUMNS if any(values[key] != first[key] for values in rows)]
+    varying = [(name, index) for index, (name, _, _) in enumerate(PRINT_COLUMNS)
+               if any(values[index] != first[index] for values in rows)]
     table = dbf.Table(str(path), specs, codepage=DBF_CODEPAGE, dbf_type="db3")
     table.open(dbf.READ_WRITE)
     try:
-        table.append(tuple(first[key] for _, _, key in PRINT_COLUMNS), multiple=len(rows))
+        table.append(tuple(first), multiple=len(rows))
         for record, values in zip(table, rows, strict=True):
             if values is not first:
-                dbf.write(record, **{name: values[key] for name, key in varying})
+                dbf.write(record, **{name: values[index] for name, index in varying})
     finally:
         table.close()
 
 
-def _table_values(row: BatchRow, batch: Batch, settings: ProductionSettings) -> dict[str, Any]:
-    return {
-        "row": row.row, "name": row.name, "gender": GENDER_CODES[row.gender], "id_number": row.id_number,
-        "date_of_birth": _dt.date.fromisoformat(row.date_of_birth), "nationality": row.nationality,
-        "card_number": row.card_number, "card_id_code": row.card_id_code,
-        "issuing_organisation": settings.issuing_organisation,
-        "issue_date": _dt.date.fromisoformat(row.issue_date), "expiry_date": _dt.date.fromisoformat(row.expiry_date),
-        "photo_file": row.photo_file, "employer": batch.employer, "employer_name": batch.employer_name,
-        "batch_id": batch.batch_id,
-    }
+def _table_values(row: BatchRow, batch: Batch, settings: ProductionSettings) -> tuple[Any, ...]:
+    """A print row's values in PRINT_COLUMNS order (a tuple: it is what a worker process is sent)."""
+    return (row.row, row.name, GENDER_CODES[row.gender], row.id_number, _dt.date.fromisoformat(row.date_of_birth),
+            row.nationality, row.card_number, row.card_id_code, settings.issuing_organisation,
+            _dt.date.fromisoformat(row.issue_date), _dt.date.fromisoformat(row.expiry_date), row.photo_file,
+            batch.employer, batch.employer_name, batch.batch_id)
 
 
-def _table_job(prepared: _Prepared) -> tuple[str, list[dict[str, Any]]]:
+def _table_job(prepared: _Prepared) -> tuple[str, list[tuple[Any, ...]]]:
     """What a worker needs to write a batch's table: where, and the rows."""
     return str(prepared.partial / f"{prepared.batch.batch_id}.dbf"), prepared.values
 
 
-def _write_table_job(job: tuple[str, list[dict[str, Any]]]) -> str:
+def _write_table_job(job: tuple[str, list[tuple[Any, ...]]]) -> str:
     path, rows = job
     write_print_table(Path(path), rows)
     return _sha256(Path(path))
@@ -174,7 +171,7 @@ class _Prepared:
     batch: Batch
     partial: Path  # the folder being written, renamed into place when whole
     rows: list[BatchRow]
-    values: list[dict[str, Any]]  # the table's rows
+    values: list[tuple[Any, ...]]  # the table's rows
     purpose: str
 
 
@@ -192,24 +189,26 @@ def _prepare(store: ProductionStore, settings: ProductionSettings, batch_id: str
 
 
 def _link_photos(store: ProductionStore, rows: list[BatchRow], folder: Path) -> dict[str, str]:
-    """The batch's photos into ``folder`` (hard links where the file system allows, else copies)."""
+    """The batch's photos into ``folder`` (hard links where the file system allows, else copies). Paths
+    are plain strings here: pathlib costs more than the link itself, thousands of times a batch."""
     names: dict[str, str] = {}
+    photos_dir, target_dir = str(store.photos_dir), str(folder)
     for row in rows:
         record = store.photo(row.id_number)
+        where = f"batch {row.batch_id} row {row.row} ({row.masked_id})"
         if record is None or record.sha256 != row.photo_sha256:
             # The batch keeps the photo it was made with; intake refuses new photos for batched persons.
-            raise ProductionError("photo", "the photo the batch was made with is not on record",
-                                  subject=f"batch {row.batch_id} row {row.row} ({row.masked_id})",
+            raise ProductionError("photo", "the photo the batch was made with is not on record", subject=where,
                                   code=ErrorCode.FAILED_PRECONDITION)
-        source = photo_path(store, record)
-        target = folder / row.photo_file
+        name = stored_photo_name(record)
+        source, target = os.path.join(photos_dir, name), os.path.join(target_dir, row.photo_file)
         try:
-            if source.stat().st_size != record.bytes:
+            if os.stat(source).st_size != record.bytes:
                 raise FileNotFoundError(source)
             os.link(source, target)
         except FileNotFoundError:
-            raise ProductionError("photo", f"the photo file {source.name} is missing or damaged; restore "
-                                           "DIR/production/photos from its backup", subject=f"batch {row.batch_id} row {row.row} ({row.masked_id})",
+            raise ProductionError("photo", f"the photo file {name} is missing or damaged; restore "
+                                           "DIR/production/photos from its backup", subject=where,
                                   code=ErrorCode.FAILED_PRECONDITION) from None
         except OSError:
             shutil.copyfile(source, target)

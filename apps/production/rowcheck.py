@@ -12,6 +12,7 @@ person hold a card) is checked afterwards by the one process that writes (``rost
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -38,6 +39,7 @@ NATIONALITY_DEFAULT = "CHN"
 _GENDERS = {"1": Gender.MALE, "男": Gender.MALE, "MALE": Gender.MALE, "M": Gender.MALE,
             "2": Gender.FEMALE, "女": Gender.FEMALE, "FEMALE": Gender.FEMALE, "F": Gender.FEMALE}
 _DATE_FORMATS = ("%Y-%m-%d", "%Y%m%d", "%Y/%m/%d")
+TEXT_ANSWERS_MAX = 4096  # answers remembered per kind of text checked
 
 
 @dataclass(frozen=True)
@@ -109,17 +111,17 @@ def check_row(raw: RawRow, file_name: str, today: _dt.date) -> CheckedRow:
     if birth is None:
         bad("date_of_birth", f"{values['date_of_birth']!r} is not a date (YYYY-MM-DD or YYYYMMDD)")
     citizen = _check_id(str(values["id_number"]), birth, gender, today, bad)
-    name = _check(lambda: validate_name(str(values["name"])), "name", bad)
+    name = _check(_name, str(values["name"]), "name", bad)
     ethnicity = str(values["ethnicity"]).zfill(2)
     if ethnicity not in ETHNICITY_CODES:  # an e-government export may drop the leading zero
         bad("ethnicity", f"{values['ethnicity']!r} is not a GB/T 3304 code (01 to 56, 97, 98)")
     nationality = str(values.get("nationality") or NATIONALITY_DEFAULT).upper()
     if len(nationality) != 3 or not (nationality.isascii() and nationality.isalpha()):
         bad("nationality", f"{nationality!r} is not an ISO 3166 three-letter code")
-    residence = _check(lambda: check_text(values["residence"], "residence"), "residence", bad)
-    household = _check(lambda: check_text(values["household_registration"], "household_registration"),
-                       "household_registration", bad)
-    employer = _check(lambda: validate_unit_code(str(values["employer"])).code, "employer", bad)
+    residence = _check(_residence, str(values["residence"]), "residence", bad)
+    household = _check(_household_registration, str(values["household_registration"]), "household_registration",
+                       bad)
+    employer = _check(_unit_code, str(values["employer"]), "employer", bad)
     if problems or citizen is None or gender is None or birth is None:
         return CheckedRow(raw.number, None, problems, employer, who)
     row = RosterRow(number=raw.number, id_number=citizen, name=str(name), gender=gender.value,
@@ -142,12 +144,31 @@ def _check_id(text: str, birth: _dt.date | None, gender: Gender | None, today: _
     return citizen.number
 
 
-def _check(check: Callable[[], str], field_name: str, bad: Callable[[str, str], None]) -> str | None:
-    try:
-        return check()
-    except (IdentityError, RegistryError) as exc:
-        bad(field_name, exc.reason)
-        return None
+def _check(check: Callable[[str], tuple[str | None, str | None]], text: str, field_name: str,
+           bad: Callable[[str, str], None]) -> str | None:
+    value, reason = check(text)
+    if reason is not None:
+        bad(field_name, reason)
+    return value
+
+
+# The text checks answer (value, None) or (None, reason), remembered for the values that repeat down a
+# roster (employers, places, common names): a worker checks each distinct value once.
+def _remembered(check: Callable[[str], str]) -> Callable[[str], tuple[str | None, str | None]]:
+    @functools.lru_cache(maxsize=TEXT_ANSWERS_MAX)
+    def answer(text: str) -> tuple[str | None, str | None]:
+        try:
+            return check(text), None
+        except (IdentityError, RegistryError) as exc:
+            return None, exc.reason
+
+    return answer
+
+
+_name = _remembered(validate_name)
+_residence = _remembered(lambda text: check_text(text, "residence"))
+_household_registration = _remembered(lambda text: check_text(text, "household_registration"))
+_unit_code = _remembered(lambda text: validate_unit_code(text).code)
 
 
 def _parse_date(value: Any) -> _dt.date | None:

@@ -45,5 +45,5 @@ def test_the_store_writes_the_registry_encoders_bytes() -> None:
                    expiry_date="2035-09-30", photo_sha256="ab" * 32, state=RowState.ORDERED,
                    verdict_reason="照片\n不清晰 \"旧\"", at_employer={"receiver": "王经理", "at": "2025-10-01"})
     record = row.to_json()
-    assert encode(record) == registry_encode(record)
+    assert encode(record) == registry_encode(record) == row.stored()
     assert BatchRow.from_json(decode(encode(record), "prod_batch_rows", row.key)) == row

@@ -81,7 +81,7 @@ def test_the_print_table_has_the_bytes_of_every_field_set_on_every_record(tmp_pa
              "issue_date": day if number != 3 else dt.date(2025, 9, 1), "expiry_date": dt.date(2035, 9, 30),
              "photo_file": f"37010219850312{number:04d}.jpg", "employer": UNIT, "employer_name": UNIT_NAME,
              "batch_id": "B000001"} for number, name in enumerate(HARD_NAMES, start=1)]
-    write_print_table(tmp_path / "fast.dbf", rows)
+    write_print_table(tmp_path / "fast.dbf", [tuple(values[key] for _, _, key in PRINT_COLUMNS) for values in rows])
     specs = "; ".join(f"{name} {kind}" for name, kind, _ in PRINT_COLUMNS)
     reference = dbf.Table(str(tmp_path / "reference.dbf"), specs, codepage=DBF_CODEPAGE, dbf_type="db3")
     with reference.open(dbf.READ_WRITE):
