@@ -22,6 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
+import grpc
 from google.protobuf import json_format
 
 from citycard.apps.bus import feed_directory
@@ -49,6 +50,9 @@ __all__ = ["register"]
 
 EXIT_TAP_REFUSED = 1
 WAIT_POLL_S = 1.0  # how long one wait for a card (or its removal) blocks before looking again
+
+
+SETTLEMENT_TIMEOUT_S = 30.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -87,6 +91,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     upload.add_argument("--batch-max", type=int, default=None, help="records per batch (default: 8,189)")
     upload.set_defaults(handler=_run(_upload))
 
+    settlement = commands.add_parser("settlement", help="an operator's day: taps, records, rejections, reconciled "
+                                                        "with the ledger, and the settlement file")
+    settlement.add_argument("--agency", required=True, help="the operator (GTFS agency_id)")
+    settlement.add_argument("--date", default="", help="YYYY-MM-DD (default: today, city time)")
+    settlement.add_argument("--csv", type=Path, default=None, help="also write the settlement file here")
+    _server_options(settlement)
+    settlement.set_defaults(handler=_run(_settlement), token_kind="operator")
+
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="var", metavar="DIR", help="data directory (default: ./var)")
@@ -94,7 +106,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=None, metavar="HOST:PORT",
                         help="the Transit service (default: from DATA/transit/ready.json)")
     parser.add_argument("--token-file", type=Path, default=None,
-                        help="the gate token (default: DATA/transit/gate.token)")
+                        help="the token (default: DATA/transit/gate.token; operator.token for settlement)")
 
 
 class _Refused(Exception):
@@ -119,11 +131,12 @@ def _link(args: argparse.Namespace) -> TransitLink:
             raise _Refused(f"{ready} not found: is `citycard serve` running with the transit application? "
                            "or give --server HOST:PORT")
         address = json.loads(ready.read_text(encoding="utf-8"))["address"]
-    path = args.token_file or Path(args.data) / "transit" / "gate.token"
+    kind = getattr(args, "token_kind", "gate")
+    path = args.token_file or Path(args.data) / "transit" / f"{kind}.token"
     try:
         token = Path(path).read_text(encoding="ascii").strip()
     except OSError as exc:
-        raise _Refused(f"cannot read the gate token in {path}: {exc.strerror}") from None
+        raise _Refused(f"cannot read the {kind} token in {path}: {exc.strerror}") from None
     return TransitLink(address, token)
 
 
@@ -235,6 +248,29 @@ def _upload(args: argparse.Namespace) -> int:
             print(f"  record {problem.index} {problem.app_serial} #{problem.card_counter}: "
                   f"{_outcome_name(problem.outcome)}: {problem.message}")
     return 0 if all(answer.rejected == 0 for answer in answers) else EXIT_TAP_REFUSED
+
+
+def _settlement(args: argparse.Namespace) -> int:
+    link = _link(args)
+    try:
+        answer = link.stub.GetSettlement(transit_pb2.GetSettlementRequest(agency_id=args.agency, date=args.date),
+                                         metadata=link.metadata, timeout=SETTLEMENT_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        raise _Refused(f"{exc.code().name}: {exc.details()}") from None
+    finally:
+        link.close()
+    if args.csv is not None:
+        args.csv.write_text(answer.csv, encoding="utf-8")
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(answer, preserving_proto_field_name=True,
+                                                   always_print_fields_with_no_presence=True), ensure_ascii=False))
+    else:
+        print(f"{answer.agency_id} {answer.date}: {answer.online_taps} online taps, {answer.offline_records} offline "
+              f"records; owed {answer.amount_fen // 100}.{answer.amount_fen % 100:02d}, the ledger received "
+              f"{answer.ledger_received_fen // 100}.{answer.ledger_received_fen % 100:02d}: "
+              + ("reconciled" if answer.reconciled else "NOT RECONCILED"))
+        print(answer.csv, end="")
+    return 0 if answer.reconciled else EXIT_TAP_REFUSED
 
 
 def _outcome(name: str) -> int:

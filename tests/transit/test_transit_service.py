@@ -323,3 +323,23 @@ def test_a_journey_entered_online_and_left_offline_is_charged_once(transit: Tran
     answer = upload(transit, "MIX-1", [exit_record], route="M1", gate_id="G-MIX")
     assert answer.booked == 1
     assert available(transit, card.purse_account_id) == 1_600  # the hold released, the fare paid once
+
+
+def test_the_operator_reads_the_settlement_from_the_command_line(transit: Transit, tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    token = tmp_path / "operator.token"
+    token.write_text(transit.operator_token)
+    done = subprocess.run([sys.executable, "-m", "citycard", "transit", "settlement", "--agency", "metro",
+                           "--server", transit.address, "--token-file", str(token), "--json",
+                           "--csv", str(tmp_path / "metro.csv")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["agency_id"] == "metro" and answer["reconciled"] is True
+    assert answer["amount_fen"] == answer["ledger_received_fen"]
+    assert (tmp_path / "metro.csv").read_text().startswith("agency_id,date,source")
+    refused = subprocess.run([sys.executable, "-m", "citycard", "transit", "settlement", "--agency", "nobody",
+                              "--server", transit.address, "--token-file", str(token)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "NOT_FOUND" in refused.stderr
