@@ -115,6 +115,30 @@ def test_stopped_frozen_and_replaced_cards(world: World):
     assert receipt["personal_account_fen"] == 15_655 and available(world, id_number) == 34_345
 
 
+def test_a_card_that_settled_before_is_refused_at_once_after_a_loss_report(world: World):
+    """A report accepted before a settlement is seen by it, whatever the card did before; a restored card
+    settles again."""
+    id_number, card = world.person()
+    fund(world, id_number, 50_000, id_number + "k")
+    assert settle(world, id_number, card, "K1")["personal_account_fen"] == 15_655
+    cards = world.server.cards()
+    operator = auth(world.server.operator_token)
+    gender = cards_pb2.GENDER_MALE if int(id_number[16]) % 2 else cards_pb2.GENDER_FEMALE
+    cards.ReportLoss(cards_pb2.ReportLossRequest(actor="op1", card_number=card, phone=cards_pb2.PhoneReport(
+        id_number=id_number, name="张三", gender=gender)), metadata=operator, timeout=CALL_TIMEOUT_S)
+    with pytest.raises(MedicalError, match="stopped by a phone or online loss report") as caught:
+        settle(world, id_number, card, "K2")
+    assert caught.value.reason == "card_refused" and available(world, id_number) == 34_345
+    cards.RestoreCard(cards_pb2.RestoreCardRequest(actor="op1", card_number=card, reason="found it"),
+                      metadata=operator, timeout=CALL_TIMEOUT_S)
+    assert settle(world, id_number, card, "K2")["personal_account_fen"] == 15_655   # restored: settles again
+    cards.ReportLoss(cards_pb2.ReportLossRequest(actor="op1", card_number=card, written=cards_pb2.WrittenReport(
+        holder_id_number=id_number, holder_name="张三")), metadata=operator, timeout=CALL_TIMEOUT_S)
+    with pytest.raises(MedicalError, match="frozen by a written loss report"):
+        settle(world, id_number, card, "K3")
+    assert available(world, id_number) == 50_000 - 2 * 15_655
+
+
 def test_someone_elses_card_is_refused(world: World):
     id_number, _ = world.person()
     _, other_card = world.person()
