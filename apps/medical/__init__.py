@@ -1,6 +1,7 @@
 """The built-in medical application: the only application the MEDICAL ledger is open to.
 
-It registers its manifest (its funds and the designated institutions' settlement account on MEDICAL),
+It registers its manifest (its funds, the designated institutions' settlement account and the clearing
+account for partner cities' insured on MEDICAL; the institutions' e-purse account on PURSE),
 and serves ``citycard.v1.Medical`` (real-time settlement at designated hospitals and pharmacies,
 admissions, refunds, contribution imports, expense records, statements) from its own process, booking
 every amount through the core's Ledger service with its own credential. See README.md.

@@ -11,6 +11,12 @@ commands (settle, admit, discharge, cancel-admission, refund) need ``--token-fil
     citycard medical settle --token-file p.token --institution P3701001 --bill-no B1 --card A00000001 \\
         --id-number 370102198503120038 --visit pharmacy --item XA01:2:1250 --item XC01:1:2800
     citycard medical records 370102198503120038 --json
+    citycard medical partners add 110000 --name 北京市 --from 2026-01-01 --outpatient-rate-per-mille 700 \
+        --b-self-paid-per-mille 150 --deductible-fen 30000,60000,130000 --rate-per-mille 900,870,850 \
+        --annual-cap-fen 50000000
+    citycard medical settle-out-of-city --token-file p.token --institution P3701001 --bill-no Y1 \
+        --home-city 110000 --home-number 110105198001010012 --visit pharmacy --item XA01:2:1250
+    citycard medical clearing-report 110000 --from 2026-11-01 --to 2026-11-30 --csv beijing-2026-11.csv
 """
 
 from __future__ import annotations
