@@ -114,6 +114,7 @@ class _Act:
             self.pharmacy(insured, tokens[PHARMACY], terminal)
             self.hospital(insured, tokens[HOSPITAL])
         self.queries()
+        self.out_of_city(tokens[PHARMACY])
         self.lost_and_replaced(card, tokens[PHARMACY])
 
     def register(self) -> cards_pb2.Card:
@@ -235,6 +236,32 @@ class _Act:
         self.out(f"   accumulated pension {_yuan(summary.accumulated_pension_fen)}, credited to the medical "
                  f"account {_yuan(summary.accumulated_medical_credited_fen)}")
         self.statement()
+
+    def out_of_city(self, token) -> None:  # type: ignore[no-untyped-def]
+        """An insured of Beijing at the same pharmacy: Beijing's fund pays through the clearing account."""
+        self.medical.RegisterPartnerCity(V.RegisterPartnerCityRequest(code="110000", name="北京市", terms=(
+            V.PartnerTerms(effective_from="2026-01-01", outpatient_rate_per_mille=700,
+                           category_b_self_paid_per_mille=150, inpatient_deductible_fen=[30_000, 60_000, 130_000],
+                           inpatient_rate_per_mille=[900, 870, 850], annual_cap_fen=50_000_000))),
+            metadata=self.medical_operator, timeout=CALL_TIMEOUT_S)
+        receipt = self.medical.SettleOutOfCity(V.SettleOutOfCityRequest(
+            institution=PHARMACY, bill_no="2026112500021", home_city="110000",
+            home_insurance_number="110105198001010012", visit=V.VISIT_TYPE_PHARMACY, items=[
+                V.BillItem(code="XA01", quantity=2, unit_price_fen=1_250),
+                V.BillItem(code="XB01", quantity=3, unit_price_fen=4_385),
+                V.BillItem(code="XC01", quantity=1, unit_price_fen=2_800)]), metadata=token,
+            timeout=CALL_TIMEOUT_S).receipt
+        self.out(f"-- out-of-city: an insured of {receipt.home_city_name} ({receipt.holder_masked}) at {PHARMACY}: "
+                 f"total {_yuan(receipt.total_fen)} = {receipt.home_city_name} fund {_yuan(receipt.pooled_fund_fen)} "
+                 f"(70 % of the covered part, through the clearing account) + insured {_yuan(receipt.insured_fen)}")
+        day = receipt.at[:10]
+        report = self.medical.GetClearingReport(V.ClearingReportRequest(partner_city="110000", first_day=day,
+                                                                        last_day=day),
+                                                metadata=self.medical_operator, timeout=CALL_TIMEOUT_S)
+        self.out(f"   clearing report with {report.partner_name} for {day}: {report.bills} bill(s), "
+                 f"{report.partner_name} owes {_yuan(report.owed_by_partner_fen)}; the clearing account on the "
+                 f"ledger: {_yuan(report.clearing_account_net_fen)} in debit; "
+                 f"{'reconciled' if report.reconciled else 'NOT reconciled'}")
 
     def statement(self, *, show: bool = True) -> int:
         statement = self.medical.GetStatement(V.GetStatementRequest(id_number=self.id_number),
