@@ -176,8 +176,12 @@ class MedicalService:
         except (IdentityError, TypeError) as exc:
             raise MedicalError("invalid", f"id_number: {exc}", field="id_number") from None
         asked = self._calls.submit(self.core.card, card_number)  # overlaps the account's look-up below
-        account_id = self.medical_account_id(number)
-        account = self.lookups.account(account_id)  # one LookupAccounts for concurrent settlements' accounts
+        unanswered: CoreError | None = None  # the card's verdict comes first, then this
+        try:
+            account_id = self.medical_account_id(number)
+            account = self.lookups.account(account_id)  # one LookupAccounts for concurrent settlements' accounts
+        except CoreError as exc:
+            account_id, account, unanswered = "", None, exc
         try:
             card = asked.result()
         except CoreError as exc:
@@ -187,6 +191,8 @@ class MedicalService:
         if card.state != cards_pb2.CARD_STATE_ACTIVE:
             why = CARD_STATE_WORDS.get(card.state, cards_pb2.CardState.Name(card.state))
             raise MedicalError("card_refused", f"card {card.card_number} is {why}; it may not settle")
+        if unanswered is not None:
+            raise unanswered
         if account is None:
             raise MedicalError("not_found", f"{mask_id(number)} has no medical account")
         if check_frozen and account.frozen:

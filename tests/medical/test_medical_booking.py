@@ -145,6 +145,11 @@ def test_someone_elses_card_is_refused(world: World):
     with pytest.raises(MedicalError, match="does not belong to") as caught:
         settle(world, id_number, other_card, "B0006")
     assert caught.value.reason == "card_refused"
+    from grpc_helpers import citizen_id
+    stranger = citizen_id("19990909", 999)   # a valid ID number of nobody the registry knows
+    with pytest.raises(MedicalError, match="does not belong to") as caught:
+        settle(world, stranger, other_card, "B0007")
+    assert caught.value.reason == "card_refused"
 
 
 def test_refunds_up_to_the_original_and_idempotent(world: World):
