@@ -10,13 +10,19 @@
    takes them; transfers per second over all of them, and its ratio to (1): ``ratio_stream_to_inprocess``
    (target >= 0.3). ``stream_messages`` is the same with Transfer messages, 512 a request, for comparison:
    there the server's own cost is reading the messages' fields (about 2 us a transfer), not the ledger.
-3. unary: CreateTransfers (one transfer each) offered at fixed rates (default 500, 1,000 and 2,000 per
-   second; the last is reported as ``unary``, target p99 < 5 ms) by an open-loop load generator: 2 client
-   processes, each sending at half the rate on its own schedule from a single sender task, so a late answer
-   never delays the next request. Latency runs from the moment a request was sent to its answer;
-   ``send_lag`` says how late the generator itself sent (if it is large the generator, not the server, fell
-   behind; its CPU is reported as ``client_cores_each``). Reported: offered and achieved rates (answered OK
-   per second), answers by status code, p50/p99/max. The first ``--unary-warmup-seconds`` are not counted.
+3. commit floor: one transfer per batch through ``Ledger.create_transfers``, in-process, p50/p99: the
+   least any unary answer can take, since an answer waits until its batch is on disk (one fdatasync).
+4. unary: CreateTransfers (one transfer each) offered at fixed rates (default 500, 1,000 and 2,000 per
+   second; the last is reported as ``unary``, target p99 < 5 ms) by an open-loop load generator: request n
+   is due at start + n / rate, fixed before the run, and sent then whatever the answers do. Latency runs
+   from its DUE time to its answer (no coordinated omission: a generator or machine that falls behind shows
+   as latency); ``send_lag`` says how late the generator itself sent. Two generators
+   (``--unary-generator``): ``python`` (default), 2 grpcio asyncio processes at half the rate each, their
+   schedules interleaved; ``node``, one @grpc/grpc-js process over 2 connections (grpc_unary_load.js, with
+   the packages of examples/node-client). Reported: offered and achieved rates (answered OK per second),
+   answers by outcome (OK; REFUSED_TRANSFERS when the answer lists a transfer not booked; a status code),
+   p50/p99/max, and CPU per call of the server and of the generator. The first ``--unary-warmup-seconds``
+   are not counted. ``--unary-only`` skips (1) and (2).
 
 Every transfer is real: its own id, between two accounts of a benchmark application on a ledger it defines.
 The unary phases run after the stream phases, against a ledger that holds about 1.2 million transfers.
@@ -25,13 +31,14 @@ client of their phase is done (an early finisher's teardown would take CPU from 
 reports the CPU the server used and the clients used (in cores), and ``other_cores``: everything else on
 the machine (other work sharing it, kernel threads), because the clients run on the same cores as the server.
 
-What the unary figures mean on a small machine. grpcio costs about 0.5 ms of CPU per unary call on each side
-on the reference VM (2 cores) even with a handler that does nothing, and the server's event loop is one
-thread: at 2,000 calls per second the server and the load generator together need both cores before the
-ledger does anything. Past the rate the machine can carry, latency is queueing, and calls pile up in grpc
-core in front of the event loop; past 1,000 of them grpc core starts shedding new calls (all past 3,000),
-which end CANCELLED at the client (grpc's "too many pending requests" backlog protection: neither the
-writer nor client deadlines).
+What the unary figures mean on a small machine (the 2-core reference VM, shared). A unary call costs about
+0.45-0.6 ms of CPU in the server even with a handler that does nothing (grpc.aio, the threaded grpc.server
+and uvloop alike), and 0.45-0.7 ms in the Python generator; @grpc/grpc-js costs more (0.65-1.1 ms) and a C
+client (h2load) about 0.05 ms. So at 2,000 calls per second server and generator together need both cores
+before the ledger does anything. Past the rate the machine can carry, latency is queueing, and calls pile
+up in grpc core in front of the event loop; past 1,000 of them grpc core starts shedding new calls (all past
+3,000), which end CANCELLED at the client (grpc's "too many pending requests" backlog protection: neither
+the writer nor client deadlines). And when the disk is shared, the commit floor (3) alone can pass 5 ms.
 The sweep shows the rate up to which the server keeps p99 under 5 ms on the machine at hand.
 """
 
@@ -62,6 +69,8 @@ UNARY_METHOD = "/citycard.v1.Ledger/CreateTransfers"
 RESULT_TIMEOUT_S = 600  # what a phase may take at most before the run gives up
 UNARY_DEADLINE_S = 10.0
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+NODE_GENERATOR = REPO / "benches" / "grpc_unary_load.js"
+NODE_MODULES = REPO / "examples" / "node-client" / "node_modules"  # npm ci --prefix examples/node-client
 
 
 # -- CPU accounting --------------------------------------------------------------------------------------------
@@ -115,14 +124,20 @@ def bench_batches(count: int, per_batch: int, first_id: int, debit: int, credit:
     return batches
 
 
-def inprocess(directory: Path, batches: int) -> dict:
+def bench_ledger(path: Path) -> Any:
+    """A fresh ledger at ``path`` with the bench ledger and its accounts 1 and 2 (the caller closes it)."""
     from citycard.core.ledger import Ledger, accounts_array
     from citycard.core.records import AccountKind
 
-    with Ledger(directory / "inprocess") as ledger:
-        ledger.register_ledger(BENCH_LEDGER, "BENCH", [(1, 0, 0)])
-        ledger.create_accounts(accounts_array([{"id": n, "ledger": BENCH_LEDGER, "code": AccountKind.OPERATOR_SETTLEMENT}
-                                               for n in (1, 2)]))
+    ledger = Ledger(path)
+    ledger.register_ledger(BENCH_LEDGER, "BENCH", [(1, 0, 0)])
+    ledger.create_accounts(accounts_array([{"id": n, "ledger": BENCH_LEDGER, "code": AccountKind.OPERATOR_SETTLEMENT}
+                                           for n in (1, 2)]))
+    return ledger
+
+
+def inprocess(directory: Path, batches: int) -> dict:
+    with bench_ledger(directory / "inprocess") as ledger:
         work = bench_batches(batches, BATCH, 1, 1, 2)
         started = time.perf_counter()
         for batch in work:
@@ -131,6 +146,21 @@ def inprocess(directory: Path, batches: int) -> dict:
                 raise SystemExit("in-process: a transfer failed")
         elapsed = time.perf_counter() - started
     return {"transfers": batches * BATCH, "seconds": round(elapsed, 3), "transfers_per_s": round(batches * BATCH / elapsed)}
+
+
+def commit_floor(directory: Path, commits: int) -> dict:
+    """How long the ledger takes to book ONE transfer (one commit, one fdatasync), in-process: no unary call
+    can be answered sooner, because an answer waits until its batch is on disk. On a disk shared with other
+    work this, not gRPC, can decide the unary p99."""
+    with bench_ledger(directory / "commit-floor") as ledger:
+        latency_ms = []
+        for batch in bench_batches(commits, 1, 1, 1, 2):
+            started = time.perf_counter()
+            ledger.create_transfers(batch)
+            latency_ms.append((time.perf_counter() - started) * 1000)
+    p50, p99, top = np.percentile(latency_ms, [50, 99, 100])
+    return {"commits": commits, "p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3),
+            "max_ms": round(float(top), 3)}
 
 
 # -- the server and the benchmark application ----------------------------------------------------------------
@@ -244,10 +274,16 @@ def unary_payloads(first_id: int, count: int, debit: str, credit: str) -> list[b
             for n in range(count)]
 
 
+def outcome(answer: bytes) -> str:
+    """An answer lists only the transfers that were not booked: empty is a booked request."""
+    return "REFUSED_TRANSFERS" if answer else "OK"
+
+
 async def offer(call: Callable[..., Any], payloads: list[bytes], rate: float, start_at: float, warmup: int,
                 metadata: tuple[tuple[str, str], ...]) -> dict:
     """Send ``payloads[n]`` at ``start_at + n / rate`` (time.perf_counter), whatever the answers do, and
-    time each answer from its send. The first ``warmup`` requests are sent but not counted."""
+    time each answer from that due time (a late sender shows as latency). The first ``warmup`` requests
+    are sent but not counted."""
     import grpc
 
     loop = asyncio.get_running_loop()
@@ -256,19 +292,20 @@ async def offer(call: Callable[..., Any], payloads: list[bytes], rate: float, st
     sent = np.full(count, np.nan)
     answered = np.full(count, np.nan)
     statuses: list[str] = ["?"] * count
+    cpu_counted = [0.0]
 
     async def one(n: int) -> None:
         sent[n] = time.perf_counter()
+        if n == warmup:
+            cpu_counted[0] = time.process_time()
         try:
-            await call(payloads[n], metadata=metadata, timeout=UNARY_DEADLINE_S)
-            statuses[n] = "OK"
+            statuses[n] = outcome(await call(payloads[n], metadata=metadata, timeout=UNARY_DEADLINE_S))
         except grpc.aio.AioRpcError as exc:
             statuses[n] = exc.code().name
         answered[n] = time.perf_counter()
 
     tasks = []
     n = 0
-    cpu0 = time.process_time()
     while n < count:
         now = time.perf_counter()
         while n < count and due[n] <= now:  # everything due (more than one only if this loop was late)
@@ -278,13 +315,13 @@ async def offer(call: Callable[..., Any], payloads: list[bytes], rate: float, st
             await asyncio.sleep(due[n] - time.perf_counter())
     await asyncio.gather(*tasks)
     counted = slice(warmup, count)
-    return {"latency_s": (answered - sent)[counted], "send_lag_s": (sent - due)[counted],
+    return {"latency_s": (answered - due)[counted], "send_lag_s": (sent - due)[counted],
             "statuses": statuses[counted], "span_s": float(np.nanmax(answered[counted]) - due[warmup]),
-            "cpu_s": time.process_time() - cpu0}
+            "cpu_s": time.process_time() - cpu_counted[0]}
 
 
-def unary_client(address: str, token: str, payloads: list[bytes], rate: float, start_at: float, warmup: int,
-                 results: Any, finished: Any) -> None:
+def python_unary_client(address: str, token: str, payloads: list[bytes], rate: float, start_at: float, warmup: int,
+                        results: Any, finished: Any) -> None:
     import grpc
 
     async def run() -> dict:
@@ -297,41 +334,102 @@ def unary_client(address: str, token: str, payloads: list[bytes], rate: float, s
     finished.wait()  # exit only when all are done: a client's teardown would take CPU from the others
 
 
-def unary(server_pid: int, address: str, token: str, debit: str, credit: str, rate: int, seconds: float,
-          warmup_s: float, clients: int, first_id: int) -> dict:
+def python_generator(address: str, token: str, payloads: list[list[bytes]], rate: float, start_at: float,
+                     warmup: int) -> tuple[Callable[[], list[dict]], Callable[[], None]]:
+    """One grpcio (asyncio) client process per payload list, each at ``rate / len(payloads)``, their
+    schedules interleaved: (collect the results, let the clients exit)."""
+    clients = len(payloads)
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     finished = context.Barrier(clients + 1)
-    per_client = rate / clients
-    warmup = int(per_client * warmup_s)
-    count = warmup + int(per_client * seconds)
-    start_at = time.perf_counter() + 3.0  # CLOCK_MONOTONIC: the same clock in every process on this machine
-    workers = [context.Process(target=unary_client, args=(
-        address, token, unary_payloads(first_id + c * count, count, debit, credit), per_client,
-        start_at + c / rate, warmup, results, finished)) for c in range(clients)]  # interleaved: one send every 1/rate
+    workers = [context.Process(target=python_unary_client, args=(
+        address, token, payloads[c], rate / clients, start_at + c / rate, warmup, results, finished))
+        for c in range(clients)]
     for worker in workers:
         worker.start()
+
+    def collect() -> list[dict]:
+        return [results.get(timeout=RESULT_TIMEOUT_S) for _ in workers]
+
+    def close() -> None:
+        finished.wait(timeout=RESULT_TIMEOUT_S)
+        for worker in workers:
+            worker.join()
+
+    return collect, close
+
+
+def node_generator(address: str, token: str, payloads: list[list[bytes]], rate: float, start_at: float,
+                   warmup: int) -> tuple[Callable[[], list[dict]], Callable[[], None]]:
+    """One Node process (grpc_unary_load.js) sending every request, interleaved from the payload lists,
+    over as many connections as there are lists."""
+    node = shutil.which("node")
+    if node is None or not (NODE_MODULES / "@grpc" / "grpc-js").is_dir():
+        raise SystemExit("the Node load generator needs node and `npm ci --prefix examples/node-client` "
+                         "(or use --unary-generator python)")
+    interleaved = [payload for row in zip(*payloads) for payload in row]
+    with tempfile.NamedTemporaryFile(prefix="unary-", suffix=".bin", delete=False) as scratch:
+        for payload in interleaved:
+            scratch.write(len(payload).to_bytes(4, "little") + payload)
+    config = {"address": address, "token": token, "payloads": scratch.name, "rate": rate, "warmup": warmup,
+              "start_ns": str(int(start_at * 1e9)), "method": UNARY_METHOD, "deadline_ms": UNARY_DEADLINE_S * 1000,
+              "connections": len(payloads)}
+    process = subprocess.Popen([node, str(NODE_GENERATOR)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert process.stdin is not None
+    process.stdin.write(json.dumps(config).encode())
+    process.stdin.close()
+
+    def collect() -> list[dict]:
+        assert process.stdout is not None
+        try:
+            out = process.stdout.read()  # the phase's own timing bounds it: every call has a deadline
+            process.wait(RESULT_TIMEOUT_S)
+        finally:
+            os.unlink(scratch.name)
+        if process.returncode:
+            raise SystemExit(f"the Node load generator failed (exit {process.returncode})")
+        report = json.loads(out)
+        counted = slice(warmup, len(interleaved))
+        latency = np.array(report["latency_us"], dtype=float)[counted] / 1e6
+        lag = np.array(report["send_lag_us"], dtype=float)[counted] / 1e6
+        return [{"latency_s": latency, "send_lag_s": lag, "statuses": report["outcomes"][counted],
+                 "span_s": report["span_s"], "cpu_s": report["cpu_s"]}]
+
+    return collect, lambda: None
+
+
+UNARY_GENERATORS = {"node": node_generator, "python": python_generator}
+
+
+def unary(server_pid: int, address: str, token: str, debit: str, credit: str, rate: int, seconds: float,
+          warmup_s: float, clients: int, first_id: int, generator: str) -> dict:
+    per_client = rate / clients
+    per_client_count = int(per_client * (warmup_s + seconds))
+    payloads = [unary_payloads(first_id + c * per_client_count, per_client_count, debit, credit) for c in range(clients)]
+    warmup = int(per_client * warmup_s) * (clients if generator == "node" else 1)
+    start_at = time.perf_counter() + 3.0  # CLOCK_MONOTONIC: the same clock in every process on this machine
+    collect, close = UNARY_GENERATORS[generator](address, token, payloads, rate, start_at, warmup)
     time.sleep(max(0.0, start_at + warmup_s - time.perf_counter()))
     watch = CpuWatch(server_pid)
-    rows = [results.get(timeout=RESULT_TIMEOUT_S) for _ in workers]
+    rows = collect()
     cpu = watch.report(sum(row["cpu_s"] for row in rows))
-    finished.wait(timeout=RESULT_TIMEOUT_S)
-    for worker in workers:
-        worker.join()
+    close()
     latency_ms = np.concatenate([row["latency_s"] for row in rows]) * 1000
     lag_ms = np.concatenate([row["send_lag_s"] for row in rows]) * 1000
     statuses = Counter(status for row in rows for status in row["statuses"])
     span = max(row["span_s"] for row in rows)
     ok = statuses.get("OK", 0)
     cpu["client_cores_each"] = [round(row["cpu_s"] / span, 2) for row in rows]
+    cpu["client_cpu_us_per_call"] = round(sum(row["cpu_s"] for row in rows) / len(latency_ms) * 1e6, 1)
+    cpu["server_cpu_us_per_call"] = round(cpu["server_cores"] * span / len(latency_ms) * 1e6, 1)
 
     def ms(values: np.ndarray, percentile: float) -> float:
-        return round(float(np.percentile(values, percentile)), 3)
+        return round(float(np.nanpercentile(values, percentile)), 3)
 
-    return {"offered_per_s": rate, "clients": clients, "requests": len(latency_ms), "statuses": dict(statuses),
-            "achieved_per_s": round(ok / span), "p50_ms": ms(latency_ms, 50), "p99_ms": ms(latency_ms, 99),
-            "max_ms": ms(latency_ms, 100), "send_lag_p50_ms": ms(lag_ms, 50), "send_lag_p99_ms": ms(lag_ms, 99),
-            **cpu}
+    return {"offered_per_s": rate, "generator": generator, "connections": clients, "requests": len(latency_ms),
+            "statuses": dict(statuses), "achieved_per_s": round(ok / span), "p50_ms": ms(latency_ms, 50),
+            "p99_ms": ms(latency_ms, 99), "max_ms": ms(latency_ms, 100), "send_lag_p50_ms": ms(lag_ms, 50),
+            "send_lag_p99_ms": ms(lag_ms, 99), **cpu}
 
 
 def machine() -> dict:
@@ -340,6 +438,26 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")
     return {"cores": os.cpu_count(), "cpu": cpu, "python": sys.version.split()[0], "grpcio": grpc.__version__}
+
+
+def print_table(report: dict[str, Any], clients: int) -> None:
+    reference, streamed, messages = report["inprocess"], report["stream"], report["stream_messages"]
+    if reference and streamed:
+        print(f"in-process batches      : {reference['transfers_per_s']:>10,} transfers/s")
+        print(f"stream, packed ({clients} procs): {streamed['transfers_per_s']:>10,} transfers/s  "
+              f"ratio {report['ratio_stream_to_inprocess']}")
+    if reference and messages:
+        print(f"stream, messages        : {messages['transfers_per_s']:>10,} transfers/s  "
+              f"ratio {report['ratio_stream_messages_to_inprocess']}")
+    floor = report["commit_floor"]
+    print(f"one-transfer commit     : p50 {floor['p50_ms']} ms, p99 {floor['p99_ms']} ms (in-process: the floor)")
+    for result in report["unary_sweep"]:
+        print(f"unary offered {result['offered_per_s']:>5}/s ({result['generator']}): achieved "
+              f"{result['achieved_per_s']}/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
+              f"{result['statuses']}, server {result['server_cores']} cores "
+              f"({result['server_cpu_us_per_call']} us/call), clients {result['clients_cores']} "
+              f"({result['client_cpu_us_per_call']} us/call), others {result['other_cores']}")
+    print(f"load average (1, 5, 15 min): {report['load_average']}")
 
 
 def main() -> int:
@@ -355,51 +473,53 @@ def main() -> int:
                         help="offered calls per second, comma-separated; the last is the one reported as `unary`")
     parser.add_argument("--unary-seconds", type=float, default=5.0)
     parser.add_argument("--unary-warmup-seconds", type=float, default=0.5)
-    parser.add_argument("--unary-clients", type=int, default=2)
+    parser.add_argument("--unary-clients", type=int, default=2,
+                        help="connections (node) or client processes (python) of the unary generator")
+    parser.add_argument("--commit-floor-commits", type=int, default=200,
+                        help="one-transfer commits timed in-process (the floor under unary latency)")
+    parser.add_argument("--unary-only", action="store_true", help="skip the in-process and stream phases")
+    parser.add_argument("--unary-generator", choices=sorted(UNARY_GENERATORS), default="python",
+                        help="python: grpcio asyncio processes (the default: the cheaper client on the reference "
+                             "VM); node: @grpc/grpc-js, one process (benches/grpc_unary_load.js)")
     args = parser.parse_args()
     rates = [int(rate) for rate in args.unary_rate.split(",")]
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="grpc-", dir=args.dir))
     try:
-        reference = inprocess(scratch, args.inprocess_batches)
+        reference = None if args.unary_only else inprocess(scratch, args.inprocess_batches)
+        floor = commit_floor(scratch, args.commit_floor_commits)
         process, ready = start_server(scratch)
         try:
             address = ready["address"]
             operator = Path(ready["operator_token_file"]).read_text().strip()
             token, debit, credit = register_bench_app(address, operator)
-            streamed = stream(process.pid, address, token, "packed", debit, credit, args.clients, args.stream_requests,
-                              BATCH)
-            messages = None
-            if args.stream_message_requests:
-                messages = stream(process.pid, address, token, "messages", debit, credit, args.clients,
-                                  args.stream_message_requests, 512)
+            streamed = messages = None
+            if not args.unary_only:
+                streamed = stream(process.pid, address, token, "packed", debit, credit, args.clients,
+                                  args.stream_requests, BATCH)
+                if args.stream_message_requests:
+                    messages = stream(process.pid, address, token, "messages", debit, credit, args.clients,
+                                      args.stream_message_requests, 512)
             sweep = [unary(process.pid, address, token, debit, credit, rate, args.unary_seconds,
-                           args.unary_warmup_seconds, args.unary_clients, (n + 1) << 56) for n, rate in enumerate(rates)]
+                           args.unary_warmup_seconds, args.unary_clients, (n + 1) << 56, args.unary_generator)
+                     for n, rate in enumerate(rates)]
         finally:
             process.terminate()
             process.wait(60)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = {"machine": machine(), "inprocess": reference, "stream": streamed, "stream_messages": messages,
-              "unary": sweep[-1], "unary_sweep": sweep,
-              "ratio_stream_to_inprocess": round(streamed["transfers_per_s"] / reference["transfers_per_s"], 3),
-              "targets": {"ratio_stream_to_inprocess_min": 0.3, "unary_p99_ms_max": 5.0}}
-    if messages:
+    report: dict[str, Any] = {"machine": machine(), "load_average": os.getloadavg(), "inprocess": reference,
+                              "stream": streamed, "stream_messages": messages, "commit_floor": floor, "unary": sweep[-1],
+                              "unary_sweep": sweep,
+                              "targets": {"ratio_stream_to_inprocess_min": 0.3, "unary_p99_ms_max": 5.0}}
+    if reference and streamed:
+        report["ratio_stream_to_inprocess"] = round(streamed["transfers_per_s"] / reference["transfers_per_s"], 3)
+    if reference and messages:
         report["ratio_stream_messages_to_inprocess"] = round(messages["transfers_per_s"] / reference["transfers_per_s"], 3)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"in-process batches      : {reference['transfers_per_s']:>10,} transfers/s")
-        print(f"stream, packed ({args.clients} procs): {streamed['transfers_per_s']:>10,} transfers/s  "
-              f"ratio {report['ratio_stream_to_inprocess']}")
-        if messages:
-            print(f"stream, messages        : {messages['transfers_per_s']:>10,} transfers/s  "
-                  f"ratio {report['ratio_stream_messages_to_inprocess']}")
-        for result in sweep:
-            print(f"unary offered {result['offered_per_s']:>5}/s  : achieved {result['achieved_per_s']}/s, "
-                  f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, {result['statuses']}, "
-                  f"server {result['server_cores']} cores, clients {result['clients_cores']}, "
-                  f"others {result['other_cores']}")
+        print_table(report, args.clients)
     return 0
 
 

@@ -59,7 +59,6 @@ _TRANSFER_FLAG_FIELDS = (
 )
 _FLAG_BITS = np.array([int(flag) for _, flag in _TRANSFER_FLAG_FIELDS], dtype=np.uint16)
 _FLAGS_KNOWN = int(_FLAG_BITS.sum())
-_FLAG_VALUES = tuple(int(flag) for _, flag in _TRANSFER_FLAG_FIELDS)
 # (field, required): the ids, named alike in the message and the record, in the order a bad one is looked for
 _ID_FIELDS = (
     ("id", True),
@@ -90,9 +89,15 @@ _WORD_LAYOUT = {"id": 0, "debit_account_id": 16, "credit_account_id": 32, "pendi
                 "flags": 122, "reserved": 124}
 if PACKED_RECORD_BYTES != 128 or {name: TRANSFER_DTYPE.fields[name][1] for name in TRANSFER_DTYPE.names} != _WORD_LAYOUT:
     raise ImportError("records.TRANSFER_DTYPE no longer has the layout that ledger.proto documents")
-# The same record for struct: six ids as [lo, hi], amount, timestamp, timeout, ledger, code, flags, reserved.
-_PACKED_RECORD = struct.Struct("<12QQQIIHHI")
-_U64_MASK = 2**64 - 1
+# What follows the six ids in a record, for struct: amount, timestamp, timeout, ledger, code, flags, reserved.
+_RECORD_TAIL = struct.Struct("<QQIIHHI")
+_ID_BYTES = 16
+_ZERO_ID = bytes(_ID_BYTES)
+_ID_REQUIRED = tuple(required for _, required in _ID_FIELDS)
+_LINKED, _PENDING, _POST_PENDING, _VOID_PENDING = (int(flag) for _, flag in _TRANSFER_FLAG_FIELDS)
+if (_RECORD_TAIL.size + len(_ID_FIELDS) * _ID_BYTES != PACKED_RECORD_BYTES
+        or [name for name, *_ in _NUMBER_FIELDS] != ["amount_fen", "ledger", "code", "timeout_seconds"]):
+    raise ImportError("_small_batch no longer matches the record or the message fields")
 SMALL_BATCH_MAX = 4  # up to here transfers_from_messages converts one transfer at a time
 ACCOUNT_KINDS = frozenset(common_pb2.AccountKind.values()) - {common_pb2.ACCOUNT_KIND_UNSPECIFIED}
 
@@ -188,27 +193,35 @@ def transfers_from_messages(messages: Sequence[ledger_pb2.Transfer], field: str 
 def _small_batch(rows: list[tuple[Any, ...]]) -> np.ndarray | None:
     """A few transfers, one by one in plain Python: the batch, or None if any value breaks a rule (then the
     columnar path, the one place that names bad fields, runs and refuses). Most unary requests carry one
-    transfer, and for those the dozen numpy calls of the columnar path cost more than the work itself."""
-    record = bytearray()
-    for row in rows:
-        words: list[int] = []
-        for text, (_, required) in zip(row, _ID_FIELDS):
-            if not text:
-                if required:
+    transfer, and for those the dozen numpy calls of the columnar path cost more than the work itself.
+
+    An id becomes its record bytes in one step: left-padded to 32 digits, ``bytes.fromhex`` gives the u128
+    big-endian, reversed it is the record's little-endian [lo, hi]. ``fromhex`` refuses anything but hex
+    digits and whitespace, and whitespace (skipped) or a longer id shows as a length other than 16."""
+    parts: list[bytes] = []
+    ids_end = len(_ID_FIELDS)
+    try:
+        for row in rows:
+            for text, required in zip(row, _ID_REQUIRED):
+                if text:
+                    big_endian = bytes.fromhex(text.rjust(ID_HEX_DIGITS_MAX, "0"))
+                    if len(big_endian) != _ID_BYTES:
+                        return None
+                    parts.append(big_endian[::-1])
+                elif required:
                     return None
-                words += (0, 0)
-            elif len(text) > ID_HEX_DIGITS_MAX or not _HEX_DIGITS.issuperset(text):
+                else:
+                    parts.append(_ZERO_ID)
+            amount, ledger, code, timeout, linked, pending, post, void = row[ids_end:]
+            if not (0 <= amount <= INT64_MAX and 1 <= ledger <= U32_MAX and 1 <= code <= U16_MAX
+                    and 0 <= timeout <= U32_MAX):
                 return None
-            else:
-                value = int(text, 16)
-                words += (value & _U64_MASK, value >> 64)
-        amount, ledger, code, timeout = row[len(_ID_FIELDS):len(_ID_FIELDS) + len(_NUMBER_FIELDS)]
-        for value, (_, _, low, high) in zip((amount, ledger, code, timeout), _NUMBER_FIELDS):
-            if not low <= value <= high:
-                return None
-        flags = sum(bit for bit, on in zip(_FLAG_VALUES, row[len(_ID_FIELDS) + len(_NUMBER_FIELDS):]) if on)
-        record += _PACKED_RECORD.pack(*words, amount, 0, timeout, ledger, code, flags, 0)
-    return np.frombuffer(record, dtype=TRANSFER_DTYPE)
+            flags = ((linked and _LINKED) | (pending and _PENDING) | (post and _POST_PENDING)
+                     | (void and _VOID_PENDING))
+            parts.append(_RECORD_TAIL.pack(amount, 0, timeout, ledger, code, flags, 0))
+    except ValueError:  # not a hex digit
+        return None
+    return np.frombuffer(bytearray(b"".join(parts)), dtype=TRANSFER_DTYPE)  # writable, as the columnar path's
 
 
 def _id_words(columns: Sequence[Sequence[str]], field: str) -> np.ndarray:
@@ -315,6 +328,9 @@ def transfer_messages(records: np.ndarray) -> list[ledger_pb2.Transfer]:
 def errors_from_results(results: np.ndarray) -> list[ledger_pb2.TransferError]:
     """The sparse answer: one TransferError per transfer that was not booked. Result codes are the core's,
     and the proto enum has the same numbers."""
+    if len(results) <= SMALL_BATCH_MAX:  # a unary request's few: plain Python beats three numpy calls
+        return [ledger_pb2.TransferError(index=index, result=status)
+                for index, status in enumerate(results["status"].tolist()) if status]
     failed = np.flatnonzero(results["status"])
     statuses = results["status"][failed]
     return [ledger_pb2.TransferError(index=int(index), result=int(status)) for index, status in zip(failed, statuses)]
