@@ -1,4 +1,4 @@
-# C-level declarations of the compiled offline-record TAC check (apps/bus/_tac.pyx): the slice of
+# C-level declarations of the compiled clearing pass (apps/bus/_tac.pyx): the slice of
 # libcrypto's low-level DES API it uses. Only apps/bus/tac.py imports the module.
 #
 # OpenSSL 3 marks this API deprecated but still builds and exports it (Debian's libcrypto3 does); it

@@ -1,44 +1,47 @@
-"""Offline records cleared in batches: verified, classified and turned into ledger transfers, all vectorised.
+"""Offline records cleared in batches: verified, classified and turned into ledger transfers in one pass.
 
 A gate that worked offline debited the chips itself; each purchase left a record the chip signed with its
-TAC. Clearing a batch of them is, in order:
+TAC. Clearing a batch of them decides, per record and in this order:
 
-1. the layout (records.py): a record with a field out of range is MALFORMED;
-2. the TAC, for the whole batch in one compiled call (tac.py): a record whose TAC does not verify is FORGED;
-3. an amount of 0 is an entry record (the journey's start, written by a composite purchase): nothing to book;
-4. the rest become PURSE transfers from the card's e-purse account (derived from the application serial,
+1. the layout (records.py's checks): a record with a field out of range is MALFORMED;
+2. the TAC: a record whose TAC does not verify is FORGED;
+3. the card: an application serial of another region (or sequence 0) is CARD_UNKNOWN;
+4. an amount of 0 is an entry record (the journey's start, written by a composite purchase): nothing to book;
+5. the rest become PURSE transfers from the card's e-purse account (derived from the application serial,
    ids.py) to the operator's settlement account, each under the id of its chip transaction, so a record
    booked before (online at the gate, or in an earlier upload) is answered EXISTS by the ledger and counted
    ALREADY_CLEARED, never booked twice.
 
-No Python runs per record on the way (numpy and the compiled TAC check); the ledger's answers are mapped back
-to outcomes after booking.
+Steps 1 to 5 are one call each into the TAC verifier (tac.py: `classify`, then `transfers`), compiled C over
+the whole batch when the extension is built; Python only names the problems of the records that have one (a
+malformed record's field and reason come from records.validate, run on those records alone). The ledger's
+answers are mapped back to outcomes after booking.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from citycard.apps.bus.ids import chip_transfer_ids, purse_account_ids
-from citycard.core.records import TRANSFER_DTYPE, LedgerId, TransferCode, TransferResult
+from citycard.apps.bus.records import validate
+from citycard.apps.bus.tac import Status
+from citycard.core.records import TransferResult
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from citycard.apps.bus.tac import PyTacVerifier
 
 __all__ = ["RECORD_BYTES", "ClearingPlan", "Outcome", "outcomes_after_booking", "plan_clearing"]
 
 RECORD_BYTES = 48
-_AMOUNT = slice(12, 16)
-_TERMINAL = slice(17, 23)
-_TERMINAL_SEQ = slice(23, 27)
-_COUNTER = slice(10, 12)
-_SERIAL_REGION = slice(0, 3)
-_SERIAL_SEQ = slice(3, 10)
 _EXISTS_SAME_TRANSACTION = {int(TransferResult.EXISTS), int(TransferResult.EXISTS_WITH_DIFFERENT_FLAGS),
                             int(TransferResult.EXISTS_WITH_DIFFERENT_PENDING_ID),
                             int(TransferResult.EXISTS_WITH_DIFFERENT_TIMEOUT),
                             int(TransferResult.EXISTS_WITH_DIFFERENT_USER_DATA)}
 _EXISTS_OTHER = {int(result) for result in TransferResult if result.name.startswith("EXISTS")} \
     - _EXISTS_SAME_TRANSACTION
+FORGED_MESSAGE = "the TAC does not verify: the record is not what the card signed"
 
 
 class Outcome:
@@ -61,65 +64,47 @@ class ClearingPlan:
     count: int
     transfers: NDArray[np.void]               # TRANSFER_DTYPE, one per record to book
     booked_index: NDArray[np.int64]            # the record index of each transfer
+    status: NDArray[np.uint8]                  # tac.Status per record
     problems: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (outcome, message)
     entry_only: int = 0
 
 
-def _big_endian(raw: NDArray[np.uint8], columns: slice) -> NDArray[np.uint64]:
-    value = np.zeros(raw.shape[0], dtype=np.uint64)
-    for column in range(columns.start, columns.stop):
-        value = (value << np.uint64(8)) | raw[:, column].astype(np.uint64)
-    return value
+def plan_clearing(verifier: PyTacVerifier, records: np.ndarray, malformed: dict[int, str], *, region: int,
+                  operator_account: int) -> ClearingPlan:
+    """Classify a batch (records.RECORD_DTYPE) and build its transfers.
 
-
-def _bcd(raw: NDArray[np.uint8], columns: slice) -> NDArray[np.uint64]:
-    value = np.zeros(raw.shape[0], dtype=np.uint64)
-    for column in range(columns.start, columns.stop):
-        byte = raw[:, column].astype(np.uint64)
-        value = value * np.uint64(100) + (byte >> np.uint64(4)) * np.uint64(10) + (byte & np.uint64(15))
-    return value
-
-
-def plan_clearing(raw: NDArray[np.uint8], malformed: dict[int, str], tac_ok: NDArray[np.bool_], *,
-                  region: int, operator_account: int) -> ClearingPlan:
-    """Classify a batch (``raw``: n x 48 bytes) and build its transfers.
-
-    ``malformed`` maps the index of each record with a bad field to its message (records.py found them);
-    ``tac_ok`` says, per record, whether its TAC verified (tac.py). ``region`` is this issuer's region code:
-    a serial from another region names no card of ours.
+    ``malformed`` maps the index of each record already refused (a message that could not be packed) to its
+    message; the pass decides the others. ``region`` is this issuer's region code: a serial from another
+    region names no card of ours.
     """
-    count = raw.shape[0]
-    problems: dict[int, tuple[str, str]] = {index: (Outcome.MALFORMED, message) for index, message in malformed.items()}
-    usable = np.ones(count, dtype=bool)
+    status = np.zeros(len(records), dtype=np.uint8)
     if malformed:
-        usable[list(malformed)] = False
-    for index in np.flatnonzero(usable & ~tac_ok):
-        problems[int(index)] = (Outcome.FORGED, "the TAC does not verify: the record is not what the card signed")
-    usable &= tac_ok
-    seqs = _bcd(raw, _SERIAL_SEQ)
-    foreign = usable & ((_bcd(raw, _SERIAL_REGION) != np.uint64(region)) | (seqs == 0))
-    for index in np.flatnonzero(foreign):
-        problems[int(index)] = (Outcome.CARD_UNKNOWN, f"the application serial is not one of region {region}'s cards")
-    usable &= ~foreign
-    amounts = _big_endian(raw, _AMOUNT)
-    entries = usable & (amounts == 0)
-    usable &= ~entries
-    booked_index = np.flatnonzero(usable)
-    picked = raw[booked_index]
-    transfers = np.zeros(len(booked_index), dtype=TRANSFER_DTYPE)
-    low, high = chip_transfer_ids(seqs[booked_index], _big_endian(picked, _TERMINAL),
-                                  _big_endian(picked, _TERMINAL_SEQ))
-    transfers["id"][:, 0], transfers["id"][:, 1] = low, high
-    debit_low, debit_high = purse_account_ids(seqs[booked_index])
-    transfers["debit_account_id"][:, 0], transfers["debit_account_id"][:, 1] = debit_low, debit_high
-    transfers["credit_account_id"][:, 0] = operator_account & 0xFFFF_FFFF_FFFF_FFFF
-    transfers["credit_account_id"][:, 1] = operator_account >> 64
-    # user_data: the card's counter and the SAM's transaction number, for whoever audits the transfer.
-    transfers["user_data"][:, 0] = (_big_endian(picked, _COUNTER) << np.uint64(32)) | _big_endian(picked, _TERMINAL_SEQ)
-    transfers["amount"] = amounts[booked_index]
-    transfers["ledger"] = LedgerId.PURSE
-    transfers["code"] = TransferCode.PURCHASE
-    return ClearingPlan(count, transfers, booked_index, problems, int(entries.sum()))
+        status[list(malformed)] = Status.MALFORMED
+    verifier.classify(records, status, region=region)
+    transfers, booked_index = verifier.transfers(records, status, operator_account=operator_account)
+    problems: dict[int, tuple[str, str]] = {index: (Outcome.MALFORMED, message) for index, message
+                                            in _malformed_messages(records, status, malformed).items()}
+    for index in np.flatnonzero(status == Status.FORGED).tolist():
+        problems[index] = (Outcome.FORGED, FORGED_MESSAGE)
+    for index in np.flatnonzero(status == Status.CARD_UNKNOWN).tolist():
+        problems[index] = (Outcome.CARD_UNKNOWN, f"the application serial is not one of region {region}'s cards")
+    entry_only = int(np.count_nonzero(status == Status.ENTRY_ONLY))
+    return ClearingPlan(len(records), transfers, booked_index, status, problems, entry_only)
+
+
+def _malformed_messages(records: np.ndarray, status: NDArray[np.uint8], known: dict[int, str]) -> dict[int, str]:
+    """The first problem of each MALFORMED record: `known` ones as given, the others from records.validate
+    (run on those records only: the pass found them, validate names the field and the reason)."""
+    messages = dict(known)
+    found = [index for index in np.flatnonzero(status == Status.MALFORMED).tolist() if index not in known]
+    if not found:
+        return messages
+    for problem in validate(records[found]).problems:
+        messages.setdefault(found[problem.index], f"{problem.field} {problem.reason}")
+    unnamed = [index for index in found if index not in messages]
+    if unnamed:  # an explicit check: the compiled checks and records.validate must agree on every record
+        raise RuntimeError(f"records {unnamed[:5]} were found malformed, but records.validate names no field")
+    return messages
 
 
 def outcomes_after_booking(plan: ClearingPlan, errors: dict[int, int]) -> tuple[int, int, dict[int, tuple[str, str]]]:

@@ -48,6 +48,8 @@ __all__ = [
     "Record",
     "RecordFieldError",
     "Validation",
+    "bcd_column",
+    "big_endian_column",
     "from_messages",
     "from_packed",
     "pack",
@@ -295,6 +297,23 @@ def _checked(records: np.ndarray) -> np.ndarray:
 def _rows(records: np.ndarray) -> Iterable[bytes]:
     packed = np.ascontiguousarray(records).tobytes()
     return (packed[i:i + RECORD_BYTES] for i in range(0, len(packed), RECORD_BYTES))
+
+
+def big_endian_column(raw: np.ndarray, columns: slice) -> np.ndarray:
+    """The unsigned big-endian number in bytes `columns` of each row of `raw` (n x 48 uint8), as uint64."""
+    value = np.zeros(raw.shape[0], dtype=np.uint64)
+    for column in range(columns.start, columns.stop):
+        value = (value << np.uint64(8)) | raw[:, column].astype(np.uint64)
+    return value
+
+
+def bcd_column(raw: np.ndarray, columns: slice) -> np.ndarray:
+    """The decimal number the BCD bytes `columns` of each row of `raw` spell (checked to be BCD before)."""
+    value = np.zeros(raw.shape[0], dtype=np.uint64)
+    for column in range(columns.start, columns.stop):
+        byte = raw[:, column].astype(np.uint64)
+        value = value * np.uint64(100) + (byte >> np.uint64(4)) * np.uint64(10) + (byte & np.uint64(15))
+    return value
 
 
 def _all_bcd(field: np.ndarray) -> np.ndarray:

@@ -21,9 +21,9 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
@@ -56,10 +56,12 @@ NUMBER_MAX = 64
 MODE_NAMES = {transit_pb2.TAP_MODE_BOARD: "board", transit_pb2.TAP_MODE_ENTRY: "entry",
               transit_pb2.TAP_MODE_EXIT: "exit"}
 _LOW64 = (1 << 64) - 1
+_SERIAL_SEQ = slice(3, 10)  # the application serial's 14 BCD digits after the region: the card sequence
 REFUSAL_OF_ENGINE = {fares.Refusal.NO_FARE: transit_pb2.REFUSAL_NO_FARE,
                      fares.Refusal.ALREADY_ENTERED: transit_pb2.REFUSAL_ALREADY_ENTERED,
                      fares.Refusal.INVALID: transit_pb2.REFUSAL_INVALID}
 log = logging.getLogger("citycard.apps.bus")
+RepeatedOfflineRecords: TypeAlias = Sequence[transit_pb2.OfflineRecord]
 
 
 class TransitError(Exception):
@@ -123,6 +125,7 @@ class TransitService:
         self._answers: OrderedDict[str, transit_pb2.TapDecision] = OrderedDict()
         self.holds: dict[str, OpenHold] = {hold.card_number: hold for hold in store.holds()}
         self.hold_limit_s = network.policy.hold_limit_s
+        self._uploading: dict[str, asyncio.Future[None]] = {}  # batch key -> done, while it clears
 
     # -- taps ------------------------------------------------------------------------------------------------
 
@@ -341,8 +344,10 @@ class TransitService:
     # -- offline batches -------------------------------------------------------------------------------------------
 
     async def upload(self, request: transit_pb2.UploadRecordsRequest) -> transit_pb2.UploadRecordsResponse:
-        batch, malformed = self._records(request)
-        raw = batch.view(np.uint8).reshape(-1, RECORD_BYTES)
+        """Clear a batch: checked and planned on a worker thread (the compiled pass releases the GIL), booked
+        over the ledger stream, answered once its answer is stored. The loop stays free meanwhile, so one
+        upload plans while another books."""
+        source = self._records_source(request)
         agency = self._route_agency(request.route_id)
         operator = self.operator_accounts[agency]
         if not request.batch_id or len(request.batch_id) > NUMBER_MAX or "/" in request.batch_id:
@@ -350,21 +355,68 @@ class TransitService:
         if not request.gate_id or len(request.gate_id) > NUMBER_MAX:
             raise TransitError("INVALID", f"gate_id: 1 to {NUMBER_MAX} characters", "gate_id")
         key = f"{request.gate_id}/{request.batch_id}"
-        digest = hashlib.sha256(request.route_id.encode() + b"\x1f" + raw.tobytes()).hexdigest()
+        # The same batch sent again while its first upload is still clearing waits for that one's stored
+        # answer, so it is answered as a resend (or refused as a conflict), never booked a second time.
+        while (running := self._uploading.get(key)) is not None:
+            await asyncio.wait({running})
+        done = asyncio.get_running_loop().create_future()
+        self._uploading[key] = done
+        try:
+            return await self._clear(key, request, source, agency, operator)
+        finally:
+            del self._uploading[key]
+            done.set_result(None)
+
+    async def _clear(self, key: str, request: transit_pb2.UploadRecordsRequest,
+                     source: np.ndarray | RepeatedOfflineRecords, agency: str,
+                     operator: int) -> transit_pb2.UploadRecordsResponse:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        planned = await loop.run_in_executor(None, self._plan, key, request.route_id, source, operator)
+        if isinstance(planned, transit_pb2.UploadRecordsResponse):
+            return planned  # a resend: the stored answer
+        batch, digest, plan = planned
+        planned_at = time.perf_counter()
+        errors = await self.link.book_many(plan.transfers) if len(plan.transfers) else {}
+        if self.holds:
+            await self._close_journeys_paid_offline(batch, plan, errors)
+        booked_at = time.perf_counter()
+        response = await loop.run_in_executor(None, self._answer, key, request, agency, batch, digest, plan,
+                                              errors)
+        log.info("batch %s: %d booked (%d fen), %d already cleared, %d rejected, %d entry records; planned in "
+                 "%.1f ms, booked in %.1f ms, answered in %.1f ms", key, response.booked, response.booked_fen,
+                 response.already_cleared, response.rejected, plan.entry_only, (planned_at - started) * 1e3,
+                 (booked_at - planned_at) * 1e3, (time.perf_counter() - booked_at) * 1e3)
+        return response
+
+    def _plan(self, key: str, route_id: str, source: np.ndarray | RepeatedOfflineRecords,
+              operator: int) -> tuple[np.ndarray, str, ClearingPlan] | transit_pb2.UploadRecordsResponse:
+        """On a worker thread: the records, their digest, the stored answer of a resend, else the plan."""
+        batch, malformed = self._records(source)
+        digest_of = hashlib.sha256(route_id.encode() + b"\x1f")
+        digest_of.update(batch.view(np.uint8).data)  # in place: both sources are contiguous
+        digest = digest_of.hexdigest()
         earlier = self.store.batch(key)
         if earlier is not None:
+            gate_id, batch_id = key.split("/", 1)
             if earlier[0] != digest:
-                raise TransitError("BATCH_CONFLICT", f"batch {request.batch_id} of gate {request.gate_id} was "
-                                   "uploaded before with other records", "batch_id")
+                raise TransitError("BATCH_CONFLICT", f"batch {batch_id} of gate {gate_id} was uploaded before "
+                                   "with other records", "batch_id")
             answer = transit_pb2.UploadRecordsResponse.FromString(earlier[1])
             answer.replayed = True
             return answer
-        loop = asyncio.get_running_loop()
-        plan = await loop.run_in_executor(None, self._plan, batch, malformed, operator)
-        errors = await self.link.book_many(plan.transfers) if len(plan.transfers) else {}
+        if self.tac_verifier is None:
+            raise TransitError("NOT_CONFIGURED", "offline clearing needs the issuer's TAC master key "
+                               "(CITYCARD_CARD_KEYS names the key file); nothing was booked")
+        plan = plan_clearing(self.tac_verifier, batch, malformed, region=self.region, operator_account=operator)
+        return batch, digest, plan
+
+    def _answer(self, key: str, request: transit_pb2.UploadRecordsRequest, agency: str, batch: np.ndarray,
+                digest: str, plan: ClearingPlan, errors: dict[int, int]) -> transit_pb2.UploadRecordsResponse:
+        """On a worker thread: the ledger's answers folded in, the response, stored before it is returned
+        (a resend is answered from the store)."""
         booked, booked_fen, problems = outcomes_after_booking(plan, errors)
-        if self.holds:
-            await self._close_journeys_paid_offline(raw, plan, errors)
+        raw = batch.view(np.uint8).reshape(-1, RECORD_BYTES)
         response = transit_pb2.UploadRecordsResponse(
             batch_id=request.batch_id, booked=booked, booked_fen=booked_fen, entry_only=plan.entry_only,
             already_cleared=sum(1 for outcome, _ in problems.values() if outcome == Outcome.ALREADY_CLEARED))
@@ -379,24 +431,24 @@ class TransitService:
                 outcome=transit_pb2.RecordOutcome.Value("RECORD_" + outcome), message=message))
             if outcome != Outcome.ALREADY_CLEARED:
                 rejected.append((index, serial, counter, outcome, message))
-        await loop.run_in_executor(None, lambda: self.store.add_batch(
-            key, request.gate_id, agency, clock.today().isoformat(), digest, len(raw), booked, booked_fen,
-            response.SerializeToString(), rejected))
-        log.info("batch %s: %d booked (%d fen), %d already cleared, %d rejected, %d entry records", key, booked,
-                 booked_fen, response.already_cleared, response.rejected, plan.entry_only)
+        self.store.add_batch(key, request.gate_id, agency, clock.today().isoformat(), digest, len(raw), booked,
+                             booked_fen, response.SerializeToString(), rejected)
         return response
 
-    async def _close_journeys_paid_offline(self, raw: np.ndarray, plan: ClearingPlan, errors: dict[int, int]) -> None:
+    async def _close_journeys_paid_offline(self, batch: np.ndarray, plan: ClearingPlan,
+                                           errors: dict[int, int]) -> None:
         """A journey entered at an online gate and left through an offline one: the chip paid the fare at the
         exit (a composite purchase after the entry), so the ledger's hold is voided, not charged again."""
+        raw = batch.view(np.uint8).reshape(-1, RECORD_BYTES)
+        booked = np.ones(len(plan.booked_index), dtype=bool)
+        booked[list(errors)] = False
+        candidates = plan.booked_index[booked]
+        candidates = candidates[raw[candidates, 16] == records.TxType.CAPP]
         by_seq = {hold.purse_account & _LOW64: hold for hold in self.holds.values()}
-        for transfer_index, record_index in enumerate(plan.booked_index.tolist()):
-            if transfer_index in errors or raw[record_index, 16] != records.TxType.CAPP:
-                continue
-            seq = int(raw[record_index, 3:10].tobytes().hex())  # the serial's 14 BCD digits after the region
-            hold = by_seq.get(seq)
-            if hold is None:
-                continue
+        seqs = records.bcd_column(raw[candidates], _SERIAL_SEQ)  # the card sequence: its purse account's low word
+        held = np.isin(seqs, np.fromiter(by_seq, dtype=np.uint64, count=len(by_seq)))
+        for record_index, seq in zip(candidates[held].tolist(), seqs[held].tolist(), strict=True):
+            hold = by_seq[seq]
             paid_at = _dt.datetime.strptime(raw[record_index, 27:34].tobytes().hex(), "%Y%m%d%H%M%S").replace(
                 tzinfo=clock.CITY_ZONE)
             if int(paid_at.timestamp()) * 1_000_000_000 <= hold.entered_ns:
@@ -415,32 +467,32 @@ class TransitService:
                 if state is not None and state.journey is not None:
                     self._riders[hold.card_number] = replace(state, journey=None, version=state.version + 1)
 
-    def _plan(self, batch: np.ndarray, malformed: dict[int, str], operator: int) -> ClearingPlan:
-        if self.tac_verifier is None:
-            raise TransitError("NOT_CONFIGURED", "offline clearing needs the issuer's TAC master key "
-                               "(CITYCARD_CARD_KEYS names the key file); nothing was booked")
-        tac_ok = self.tac_verifier.verify(batch)
-        raw = batch.view(np.uint8).reshape(-1, RECORD_BYTES)
-        return plan_clearing(raw, malformed, tac_ok, region=self.region, operator_account=operator)
-
-    def _records(self, request: transit_pb2.UploadRecordsRequest) -> tuple[np.ndarray, dict[int, str]]:
-        """The batch as RECORD_DTYPE and the first problem of each malformed record, by index."""
-        if request.records and request.packed_records:
+    def _records_source(self, request: transit_pb2.UploadRecordsRequest) -> np.ndarray | RepeatedOfflineRecords:
+        """The batch's records as sent: packed ones as RECORD_DTYPE in place, messages as they are (converted
+        on the worker thread); the checks of its shape, here."""
+        packed = request.packed_records  # read once: each read of a bytes field copies it
+        if request.records and packed:
             raise TransitError("INVALID", "send records or packed_records, not both", "packed_records")
-        if request.packed_records:
+        if packed:
             try:
-                batch = records.from_packed(request.packed_records)
+                return records.from_packed(packed)
             except records.BatchTooLargeError as exc:
                 raise TransitError("BATCH_TOO_LARGE", str(exc), "packed_records") from None
             except records.PackedRecordsError as exc:
                 raise TransitError("INVALID", str(exc), "packed_records") from None
-            validation = records.validate(batch)
-        else:
-            if not request.records:
-                raise TransitError("INVALID", "the batch holds no records", "records")
-            if len(request.records) > records.RECORDS_MAX:
-                raise TransitError("BATCH_TOO_LARGE", f"at most {records.RECORDS_MAX} records per batch", "records")
-            batch, validation = records.from_messages(request.records)
+        if not request.records:
+            raise TransitError("INVALID", "the batch holds no records", "records")
+        if len(request.records) > records.RECORDS_MAX:
+            raise TransitError("BATCH_TOO_LARGE", f"at most {records.RECORDS_MAX} records per batch", "records")
+        return request.records
+
+    @staticmethod
+    def _records(source: np.ndarray | RepeatedOfflineRecords) -> tuple[np.ndarray, dict[int, str]]:
+        """The batch as RECORD_DTYPE and the first problem of each record already found malformed, by index
+        (packed records: none yet, the clearing pass checks them; messages: those records.from_messages found)."""
+        if isinstance(source, np.ndarray):
+            return source, {}
+        batch, validation = records.from_messages(source)
         malformed: dict[int, str] = {}
         for problem in validation.problems:
             malformed.setdefault(problem.index, f"{problem.field} {problem.reason}")

@@ -111,9 +111,9 @@ def test_a_large_batch_split_across_threads_agrees(master_keys: MasterKeys) -> N
     expected = sam_says(master_keys, records)
     batch = rec.pack(records)
     results = {name: make(master_keys).verify(batch) for name, make in VERIFIERS.items()}
-    closed = tac.CompiledTacVerifier.from_master_keys(master_keys, threads=2)
-    closed.close()
-    results["compiled, closed"] = closed.verify(batch)  # on the calling thread alone
+    # A cache of 8 cards for 40: keys evicted (and wiped) and derived again, every answer the same.
+    results["compiled, 8 card keys"] = tac.CompiledTacVerifier.from_master_keys(master_keys, threads=2,
+                                                                                card_keys_max=8).verify(batch)
     for name, result in results.items():
         assert result.dtype == bool and result.tolist() == expected.tolist(), name
     assert 0 < expected.sum() < count
@@ -243,16 +243,53 @@ def test_bad_batches_are_refused(verifier: tac.PyTacVerifier) -> None:
 
 
 def test_the_batch_core_checks_its_arguments(master_keys: MasterKeys) -> None:
-    core = tac._tac.TacBatchVerifier(master_keys.get("purse", KeyUsage.TAC).value.reveal())
+    key = master_keys.get("purse", KeyUsage.TAC).value.reveal()
+    core = tac._tac.TacBatchVerifier(key, parts=2)
     packed = bytes(96)
     with pytest.raises(ValueError, match="48 bytes"):
-        core.verify_into(packed[:50], np.zeros(1, np.uint8), 0, 1)
+        core.verify_into(packed[:50], np.zeros(1, np.uint8), 0)
     with pytest.raises(ValueError, match="one result byte"):
-        core.verify_into(packed, np.zeros(3, np.uint8), 0, 2)
-    with pytest.raises(ValueError, match="range"):
-        core.verify_into(packed, np.zeros(2, np.uint8), 1, 3)
-    ok = np.full(2, 7, np.uint8)
-    assert core.verify_into(packed, ok, 1, 1) == 0 and ok.tolist() == [7, 7]  # an empty range writes nothing
+        core.verify_into(packed, np.zeros(3, np.uint8), 0)
+    with pytest.raises(ValueError, match="part"):
+        core.verify_into(packed, np.zeros(2, np.uint8), 2)
+    with pytest.raises(ValueError, match="one status"):
+        tac._tac.write_transfers(packed, np.zeros(3, np.uint8), bytearray(256), np.zeros(2, np.int64), 1, 0, 0, 2, 11)
+    with pytest.raises(ValueError, match="128-byte"):
+        tac._tac.write_transfers(packed, np.zeros(2, np.uint8), bytearray(255), np.zeros(2, np.int64), 1, 0, 0, 2, 11)
+    for bad in ({"parts": 0}, {"parts": 9}, {"card_keys_max": 7, "parts": 2}, {"card_keys_max": 1 << 30}):
+        with pytest.raises(ValueError):
+            tac._tac.TacBatchVerifier(key, **bad)
+    ok = np.full(0, 7, np.uint8)
+    assert core.verify_into(b"", ok, 1) == 0  # an empty batch writes nothing
+
+
+def test_card_keys_are_kept_across_batches(master_keys: MasterKeys) -> None:
+    """Commuters come back: the second batch of the same cards derives no card key, it only runs the MAC."""
+    serials = [bytes.fromhex(f"3303{n:016d}") for n in range(1, 51)]
+    def batch(first_seq: int) -> np.ndarray:
+        return rec.pack([signed(master_keys, Record(serials[i % 50], i, 100, 6, TERMINAL_ID, first_seq + i,
+                                                    GOOD_DATE_TIME, b"", 0)) for i in range(200)])
+    with tac.CompiledTacVerifier.from_master_keys(master_keys, threads=2) as verifier:
+        assert verifier.verify(batch(1)).all()
+        assert (verifier.card_keys_derived, verifier.card_keys_reused) == (50, 150)
+        assert verifier.verify(batch(1_000)).all()
+        assert (verifier.card_keys_derived, verifier.card_keys_reused) == (50, 350)
+    with tac.CompiledTacVerifier.from_master_keys(master_keys, threads=1, card_keys_max=4) as small:
+        assert small.verify(batch(1)).all() and small.verify(batch(1_000)).all()
+        assert small.card_keys_derived > 50  # evicted and derived again: still every answer right
+
+
+def test_a_closed_verifier_wipes_its_keys_and_refuses_work(master_keys: MasterKeys) -> None:
+    record = signed(master_keys, Record(bytes(10), 0, 1, 6, TERMINAL_ID, 1, GOOD_DATE_TIME, b"", 0))
+    for make in (tac.CompiledTacVerifier, tac.PyTacVerifier):
+        verifier = make.from_master_keys(master_keys, threads=2)
+        assert verifier.verify(rec.pack([record])).all()
+        verifier.close()
+        with pytest.raises(ValueError, match="closed"):
+            verifier.verify(rec.pack([record] * (tac.THREAD_SPLIT_MIN + 1)))
+        with pytest.raises(ValueError, match="closed"):
+            verifier.verify_one(record.pack())
+        verifier.close()  # twice is harmless
 
 
 # -- which implementation serves ---------------------------------------------------------------------------
@@ -369,9 +406,9 @@ def test_messages_become_records_and_bad_ones_are_reported() -> None:
 def test_the_public_names_are_pinned() -> None:
     assert set(rec.__all__) == {
         "RECORDS_MAX", "RECORD_BYTES", "RECORD_DTYPE", "TAC_COVERED", "TRANSIT_TX_TYPES", "BatchTooLargeError",
-        "FieldProblem", "PackedRecordsError", "Record", "RecordFieldError", "Validation", "from_messages",
-        "from_packed", "pack", "to_packed", "unpack", "validate"}
-    assert set(tac.__all__) == {"IMPLEMENTATION", "MASTER_KEY_BYTES", "THREADS_DEFAULT", "THREAD_SPLIT_MIN",
-                                "CompiledTacVerifier", "PyTacVerifier", "TacVerifier"}
+        "FieldProblem", "PackedRecordsError", "Record", "RecordFieldError", "Validation", "bcd_column",
+        "big_endian_column", "from_messages", "from_packed", "pack", "to_packed", "unpack", "validate"}
+    assert set(tac.__all__) == {"CARD_KEYS_DEFAULT", "IMPLEMENTATION", "MASTER_KEY_BYTES", "THREADS_DEFAULT",
+                                "THREAD_SPLIT_MIN", "CompiledTacVerifier", "PyTacVerifier", "Status", "TacVerifier"}
     for module in (rec, tac):
         assert all(hasattr(module, name) for name in module.__all__)
