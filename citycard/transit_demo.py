@@ -243,8 +243,8 @@ class _Rush:
         self.tap("08:30", metro_in, zhou)
         self.tap("08:50", metro_univ, zhou)
         self.tap("12:00", metro_in, liu)
-        out("       (刘洋 never tapped off at 08:10: the 180-minute limit passed, so that journey was charged the "
-            "maximum fare before the new entry was held)")
+        out("       (刘洋 never tapped off at 08:10: past the 180-minute limit that journey is charged the maximum "
+            "fare, 5.00, on the ledger, and this entry debits it from the chip, so chip and ledger agree)")
         self.upload(bus101, "BUS101-OFF back online uploads its records")
         self.replay_and_forgery(bus101)
         for gate in (bus1, metro_in, metro_univ, metro_sci):

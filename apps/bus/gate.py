@@ -794,7 +794,9 @@ class Gate:
         if not decision.accepted:
             return self._result(False, view, reason=_refusal_name(decision.reason), message=decision.message,
                                 **common)
-        amount = 0 if self.config.mode is Mode.ENTRY else decision.fare_fen
+        # What the server booked as this chip transaction: the fare, plus (collected_fen) an earlier journey's
+        # missing tap-off the ledger charged while the chip kept the money; at entry only the latter.
+        amount = decision.fare_fen
         record = self._transit_record(decision.rider_category_id, decision.held_fen or amount)
         return self._purchase(terminal, view, amount, record, online=True, held_fen=decision.held_fen, **common)
 

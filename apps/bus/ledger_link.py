@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -36,12 +37,12 @@ class LedgerUnavailable(Exception):
 
 
 def transfer_record(transfer_id: int, debit: int, credit: int, amount_fen: int, code: int, *,
-                    pending_id: int = 0, user_data: int = 0, timeout_s: int = 0,
+                    pending_id: int = 0, ref_id: int = 0, user_data: int = 0, timeout_s: int = 0,
                     flags: int = 0) -> np.ndarray:
     """One PURSE transfer as the ledger's packed record (a 1-element TRANSFER_DTYPE array)."""
     record = np.zeros(1, dtype=TRANSFER_DTYPE)
     for name, value in (("id", transfer_id), ("debit_account_id", debit), ("credit_account_id", credit),
-                        ("pending_id", pending_id), ("user_data", user_data)):
+                        ("pending_id", pending_id), ("ref_id", ref_id), ("user_data", user_data)):
         record[name] = (value & 0xFFFF_FFFF_FFFF_FFFF, value >> 64)
     record["amount"] = amount_fen
     record["timeout"] = timeout_s
@@ -58,7 +59,7 @@ class LedgerLink:
         self._metadata = tuple(metadata)
         self._in_flight_max = in_flight_max
         self._numbers = itertools.count(1)
-        self._queued: list[tuple[np.ndarray, asyncio.Future[int]]] = []
+        self._queued: deque[tuple[np.ndarray, asyncio.Future[list[int]]]] = deque()
         self._waiting: dict[int, tuple[asyncio.Future[dict[int, int]], int]] = {}
         self._outgoing: asyncio.Queue[ledger_pb2.CreateTransfersStreamRequest | None] = asyncio.Queue()
         self._room = asyncio.Condition()
@@ -83,8 +84,13 @@ class LedgerLink:
 
     async def book_one(self, record: np.ndarray) -> int:
         """Book one transfer (a TRANSFER_DTYPE record); its result code, 0 if booked."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queued.append((record, future))
+        return (await self.book_chain(record))[0]
+
+    async def book_chain(self, records: np.ndarray) -> list[int]:
+        """Book a few transfers that go together (a linked chain: every record but the last has LINKED), sent
+        contiguously in one request; the result code of each, 0 if booked."""
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._queued.append((records, future))
         self._wake.set()
         return await future
 
@@ -121,13 +127,17 @@ class LedgerLink:
             await self._wake.wait()
             self._wake.clear()
             while self._queued:
-                taken, self._queued = self._queued[:BATCH_EVENTS_MAX], self._queued[BATCH_EVENTS_MAX:]
+                taken: list[tuple[np.ndarray, asyncio.Future[list[int]]]] = []
+                size = 0
+                while self._queued and size + len(self._queued[0][0]) <= BATCH_EVENTS_MAX:
+                    taken.append(self._queued.popleft())
+                    size += len(taken[-1][0])
                 records = np.concatenate([record for record, _ in taken])
-                futures = [future for _, future in taken]
+                futures = [(future, len(record)) for record, future in taken]
                 try:
                     waiting = await self._send(records)
                 except Exception as exc:  # noqa: BLE001 (every queued tap must hear of it)
-                    for future in futures:
+                    for future, _ in futures:
                         if not future.done():
                             future.set_exception(LedgerUnavailable(str(exc)))
                     continue
@@ -166,14 +176,16 @@ class LedgerLink:
         self._queued.clear()
 
 
-def _settle(done: asyncio.Future[dict[int, int]], futures: list[asyncio.Future[int]]) -> None:
+def _settle(done: asyncio.Future[dict[int, int]], futures: list[tuple[asyncio.Future[list[int]], int]]) -> None:
     if done.cancelled() or done.exception() is not None:
         error = done.exception() if not done.cancelled() else LedgerUnavailable("cancelled")
-        for future in futures:
+        for future, _ in futures:
             if not future.done():
                 future.set_exception(error or LedgerUnavailable("cancelled"))
         return
     errors = done.result()
-    for index, future in enumerate(futures):
+    start = 0
+    for future, count in futures:
         if not future.done():
-            future.set_result(errors.get(index, 0))
+            future.set_result([errors.get(index, 0) for index in range(start, start + count)])
+        start += count

@@ -39,9 +39,9 @@ from citycard.apps.bus.denylist import DenylistRelay
 from citycard.apps.bus.gtfs import FareNetwork
 from citycard.apps.bus.ids import app_serial_of_card, card_seq_of_serial, chip_transfer_id
 from citycard.apps.bus.ledger_link import LedgerLink, LedgerUnavailable, transfer_record
-from citycard.apps.bus.store import BookedTap, OpenHold, Store
+from citycard.apps.bus.store import BookedTap, OpenHold, Owed, Store
 from citycard.core import clock
-from citycard.core.records import TransferCode, TransferFlags, TransferResult
+from citycard.core.records import TRANSFER_DTYPE, TransferCode, TransferFlags, TransferResult
 from citycard.core.registry_store import purse_account_id
 
 from citycard.v1 import cards_pb2, cards_pb2_grpc, ledger_pb2, ledger_pb2_grpc, transit_pb2
@@ -124,6 +124,9 @@ class TransitService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._answers: OrderedDict[str, transit_pb2.TapDecision] = OrderedDict()
         self.holds: dict[str, OpenHold] = {hold.card_number: hold for hold in store.holds()}
+        self.owed: dict[str, list[Owed]] = {}
+        for owed in store.owed():
+            self.owed.setdefault(owed.card_number, []).append(owed)
         self.hold_limit_s = network.policy.hold_limit_s
         self._uploading: dict[str, asyncio.Future[None]] = {}  # batch key -> done, while it clears
 
@@ -207,13 +210,16 @@ class TransitService:
             settles = self.holds.get(card.card_number)  # a journey opened before a restart: charge its hold
             if settles is not None:
                 decision = replace(decision, fare_fen=settles.amount_fen, held_fen=settles.amount_fen)
-        record, opened = self._booking(decision, card, operator, chip_id, user_data, settles, at)
-        if record is not None:
+        collect = [owed for owed in self.owed.get(card.card_number, ()) if owed.agency_id == decision.agency_id]
+        chain, opened = self._booking(decision, card, operator, chip_id, user_data, settles, at, collect)
+        if len(chain):
             try:
-                result = await self.link.book_one(record)
+                results = await self.link.book_chain(chain)
             except LedgerUnavailable as exc:
                 return _refusal(request.tap_id, transit_pb2.REFUSAL_UNAVAILABLE, f"the ledger did not answer: {exc}")
-            if result not in (0, TransferResult.EXISTS):
+            failed = [r for r in results if r not in (0, TransferResult.EXISTS, TransferResult.LINKED_EVENT_FAILED)]
+            if failed:
+                result = failed[0]
                 if result in (TransferResult.EXCEEDS_CREDITS, TransferResult.DEBIT_ACCOUNT_FROZEN):
                     self._card_cache.pop(card.card_number, None)  # ask the core for the balance again
                     return _refusal(request.tap_id, transit_pb2.REFUSAL_INSUFFICIENT_BALANCE,
@@ -228,42 +234,71 @@ class TransitService:
         elif settles is not None:
             self.holds.pop(card.card_number, None)
             self.store.close_hold(card.card_number)
+        collected = sum(owed.amount_fen for owed in collect)
+        day = clock.today().isoformat()
+        for owed in collect:
+            self.owed[card.card_number].remove(owed)
+            self.store.collected(owed)
+            self.store.add_charge(f"collected-{owed.post_id:x}", card.card_number, owed.agency_id, day,
+                                  -owed.amount_fen, decision.rider_category_id,
+                                  "a missing tap-off's charge, collected on the chip at this tap (the tap carries it)")
         # The hold was taken off the available balance at entry: the exit gives it back and takes the fare.
         card.balance_fen += (settles.amount_fen if settles else 0) - decision.fare_fen - (
             decision.held_fen if decision.outcome is fares.Outcome.HOLD else 0)
+        chip_debit = collected + (0 if decision.outcome is fares.Outcome.HOLD else decision.fare_fen)
         answer = transit_pb2.TapDecision(
-            tap_id=request.tap_id, accepted=True, fare_fen=decision.fare_fen,
+            tap_id=request.tap_id, accepted=True, fare_fen=chip_debit,
             held_fen=decision.held_fen if decision.outcome is fares.Outcome.HOLD else 0,
             balance_fen=card.balance_fen, fare_product_id=decision.fare_product_id,
             rider_category_id=decision.rider_category_id, discount_fen=decision.discount_fen,
-            capped=decision.capped)
+            capped=decision.capped, collected_fen=collected)
         self.store.add_tap(BookedTap(
             key=f"{request.gate_id}/{request.tap_id}", card_number=card.card_number, agency_id=decision.agency_id,
-            route_id=request.route_id, day=clock.today().isoformat(), at_ns=request.at.ToNanoseconds(),
-            mode=MODE_NAMES[request.mode], fare_fen=decision.fare_fen, held_fen=answer.held_fen,
+            route_id=request.route_id, day=day, at_ns=request.at.ToNanoseconds(),
+            mode=MODE_NAMES[request.mode], fare_fen=chip_debit, held_fen=answer.held_fen,
             discount_fen=decision.discount_fen, rider_category=decision.rider_category_id, capped=decision.capped,
             answer=answer.SerializeToString()))
         return answer
 
     def _booking(self, decision: fares.FareDecision, card: CardInfo, operator: int, chip_id: int, user_data: int,
-                 settles: OpenHold | None, at: _dt.datetime) -> tuple[np.ndarray | None, OpenHold | None]:
-        """The transfer a decision books (None: nothing to book) and the hold it opens (None: none)."""
+                 settles: OpenHold | None, at: _dt.datetime, collect: list[Owed]) -> tuple[np.ndarray, OpenHold | None]:
+        """The transfers a decision books, as one linked chain (possibly empty), and the hold it opens.
+
+        A chip transaction is booked as exactly one transfer under its chip id, for the whole amount the chip
+        is debited, so its record uploaded later is recognised. That amount includes ``collect``: missing
+        tap-offs the ledger charged earlier while the chip kept the money; each of those charges is refunded in
+        the same chain, so the rider pays it once, now on the chip too."""
+        chain = [transfer_record(derived_id("collected", f"{owed.post_id:x}"), owed.operator_account,
+                                 owed.purse_account, owed.amount_fen, TransferCode.REFUND, ref_id=owed.post_id)
+                 for owed in collect]
+        catch_up = sum(owed.amount_fen for owed in collect)
+        opened = None
         if decision.outcome is fares.Outcome.HOLD:
-            if decision.held_fen == 0:
-                return None, None
-            entered_ns = int(at.timestamp()) * 1_000_000_000
-            opened = OpenHold(card.card_number, chip_id, decision.agency_id, decision.held_fen, card.purse_account,
-                              operator, decision.rider_category_id, entered_ns,
-                              entered_ns + self.hold_limit_s * 1_000_000_000)
-            return transfer_record(chip_id, card.purse_account, operator, decision.held_fen, TransferCode.PURCHASE,
-                                   user_data=user_data, timeout_s=self.hold_limit_s + HOLD_GRACE_S,
-                                   flags=TransferFlags.PENDING), opened
-        if settles is not None:
-            return _settle_hold(chip_id, settles, decision.fare_fen, user_data), None
-        if decision.fare_fen == 0:
-            return None, None
-        return transfer_record(chip_id, card.purse_account, operator, decision.fare_fen, TransferCode.PURCHASE,
-                               user_data=user_data), None
+            if catch_up:
+                chain.append(transfer_record(chip_id, card.purse_account, operator, catch_up, TransferCode.PURCHASE,
+                                             user_data=user_data))
+            if decision.held_fen:
+                entered_ns = int(at.timestamp()) * 1_000_000_000
+                hold_id = derived_id("hold", f"{chip_id:x}")
+                opened = OpenHold(card.card_number, hold_id, decision.agency_id, decision.held_fen,
+                                  card.purse_account, operator, decision.rider_category_id, entered_ns,
+                                  entered_ns + self.hold_limit_s * 1_000_000_000)
+                chain.append(transfer_record(hold_id, card.purse_account, operator, decision.held_fen,
+                                             TransferCode.PURCHASE, user_data=user_data,
+                                             timeout_s=self.hold_limit_s + HOLD_GRACE_S, flags=TransferFlags.PENDING))
+        elif settles is not None and not catch_up:
+            chain.append(_settle_hold(chip_id, settles, decision.fare_fen, user_data))
+        else:
+            if settles is not None:  # the chip pays fare and catch-up in one transaction: release the hold
+                chain.insert(0, _settle_hold(derived_id("released", f"{settles.hold_id:x}"), settles, 0, 0))
+            if decision.fare_fen + catch_up:
+                chain.append(transfer_record(chip_id, card.purse_account, operator, decision.fare_fen + catch_up,
+                                             TransferCode.PURCHASE, user_data=user_data))
+        if not chain:
+            return np.zeros(0, dtype=TRANSFER_DTYPE), opened
+        records = np.concatenate(chain)
+        records["flags"][:-1] |= np.uint16(TransferFlags.LINKED)
+        return records, opened
 
     async def _book_expiry(self, card_number: str, expired: fares.FareDecision) -> str | None:
         """Charge a journey closed at its maximum (its hold, within the caps); None, or why it failed."""
@@ -281,6 +316,14 @@ class TransitService:
         self.store.close_hold(card_number)
         self.store.add_charge(f"{post_id:x}", card_number, hold.agency_id, clock.today().isoformat(),
                               expired.fare_fen, hold.rider_category, "no tap-off within the time limit")
+        cached = self._card_cache.get(card_number)
+        if cached is not None:
+            cached.balance_fen += hold.amount_fen - expired.fare_fen
+        if expired.fare_fen:
+            owed = Owed(post_id, card_number, hold.agency_id, expired.fare_fen, hold.purse_account,
+                        hold.operator_account)
+            self.owed.setdefault(card_number, []).append(owed)
+            self.store.add_owed(owed)
         return None
 
     async def _card(self, card_number: str) -> CardInfo | None:
@@ -516,14 +559,16 @@ class TransitService:
         return {"summary": summary, "ledger_received_fen": received}
 
     async def _received(self, account: int, day: _dt.date) -> int:
-        """What the account's credits grew by over the city day (posted credits, as of its start and end)."""
+        """What the account received over the city day, net: posted credits less posted debits (refunds), as of
+        the day's start and end."""
         start = _dt.datetime.combine(day, _dt.time(), clock.CITY_ZONE)
         values = []
         for instant in (start, min(start + _dt.timedelta(days=1), clock.now())):
             request = ledger_pb2.GetAccountBalanceRequest(account_id=f"{account:x}")
             request.as_of.FromDatetime(instant.astimezone(_dt.UTC))
             answer = await self._ledger.GetAccountBalance(request, metadata=self._metadata, timeout=10)
-            values.append(answer.balance.credits_posted_fen)
+            # Net of refunds (a missing tap-off's charge given back when the chip paid it at a later tap).
+            values.append(answer.balance.credits_posted_fen - answer.balance.debits_posted_fen)
         return values[1] - values[0]
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BookedTap", "OpenHold", "Store"]
+__all__ = ["BookedTap", "OpenHold", "Owed", "Store"]
 
 FLUSH_S = 0.02
 SCHEMA = """
@@ -45,6 +45,9 @@ CREATE TABLE IF NOT EXISTS rejected (
     app_serial TEXT NOT NULL, card_counter INTEGER NOT NULL, outcome TEXT NOT NULL, message TEXT NOT NULL,
     PRIMARY KEY (batch_key, idx));
 CREATE INDEX IF NOT EXISTS rejected_by_day ON rejected (agency_id, day);
+CREATE TABLE IF NOT EXISTS owed (          -- charged on the ledger, not yet debited from the chip
+    post_id TEXT PRIMARY KEY, card_number TEXT NOT NULL, agency_id TEXT NOT NULL, amount_fen INTEGER NOT NULL,
+    purse_account TEXT NOT NULL, operator_account TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS holds (
     card_number TEXT PRIMARY KEY, hold_id TEXT NOT NULL, agency_id TEXT NOT NULL, amount_fen INTEGER NOT NULL,
     purse_account TEXT NOT NULL, operator_account TEXT NOT NULL, rider_category TEXT NOT NULL,
@@ -82,6 +85,19 @@ class OpenHold:
     expires_ns: int
 
 
+@dataclass(frozen=True)
+class Owed:
+    """A missing tap-off the ledger charged (the hold posted) while the chip still holds the money: collected
+    on the chip at the card's next tap with the same operator (service.py)."""
+
+    post_id: int
+    card_number: str
+    agency_id: str
+    amount_fen: int
+    purse_account: int
+    operator_account: int
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -115,6 +131,14 @@ class Store:
 
     def close_hold(self, card_number: str) -> None:
         self._queue.put(("DELETE FROM holds WHERE card_number = ?", (card_number,)))
+
+    def add_owed(self, owed: Owed) -> None:
+        self._queue.put(("INSERT OR IGNORE INTO owed VALUES (?,?,?,?,?,?)",
+                         (f"{owed.post_id:x}", owed.card_number, owed.agency_id, owed.amount_fen,
+                          f"{owed.purse_account:x}", f"{owed.operator_account:x}")))
+
+    def collected(self, owed: Owed) -> None:
+        self._queue.put(("DELETE FROM owed WHERE post_id = ?", (f"{owed.post_id:x}",)))
 
     def flush(self) -> None:
         """Wait until every queued write is committed."""
@@ -181,6 +205,12 @@ class Store:
         return [OpenHold(card, int(hold, 16), agency, amount, int(purse, 16), int(operator, 16), category,
                          entered, expires)
                 for card, hold, agency, amount, purse, operator, category, entered, expires in rows]
+
+    def owed(self) -> list[Owed]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM owed").fetchall()
+        return [Owed(int(post, 16), card, agency, amount, int(purse, 16), int(operator, 16))
+                for post, card, agency, amount, purse, operator in rows]
 
     def day_summary(self, agency_id: str, day: str) -> dict[str, Any]:
         """What the settlement file of one operator and day is made of."""

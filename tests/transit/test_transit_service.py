@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import queue
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,17 +158,51 @@ def test_bad_taps_are_refused_with_the_field(transit: Transit, gate: Gate) -> No
     assert available(transit, card.purse_account_id) == 1_000
 
 
-def test_a_missing_tap_off_is_charged_the_maximum(transit: Transit, gate: Gate) -> None:
+def test_a_missing_tap_off_is_charged_the_maximum_and_collected_on_the_chip(transit: Transit, gate: Gate,
+                                                                             keys: MasterKeys) -> None:
     card = add_rider(transit.server, 107, load_fen=2_000)
+    terminal_id = bytes.fromhex("000000000107")
+    chip = chip_terminal(card, keys, terminal_id, load_fen=2_000)
     early = now() - dt.timedelta(hours=4)
     entry = gate.tap(tap(card.card_number, tap_id="x1", route="M2", stop="M_OLDTOWN", mode=ENTRY, at=early,
-                         terminal_seq=41))
-    assert entry.accepted and entry.held_fen == 500
-    # Four hours on (the limit is 180 minutes), the card enters again: the old journey is charged its hold.
+                         terminal_id=terminal_id.hex(), terminal_seq=1, card_counter=0))
+    assert entry.accepted and (entry.held_fen, entry.fare_fen) == (500, 0)
+    chip.composite_purchase(0, bytes((0x02, 46)) + bytes(46))  # the entry record, nothing debited
+    # Four hours on (the limit is 180 minutes), the card enters again: the old journey is charged its hold on the
+    # ledger and, since the chip still has that money, this entry debits it from the chip.
     again = gate.tap(tap(card.card_number, tap_id="x2", route="M2", stop="M_OLDTOWN", mode=ENTRY, at=now(),
-                         terminal_seq=42, card_counter=1))
+                         terminal_id=terminal_id.hex(), terminal_seq=2, card_counter=1))
     assert again.accepted, again.message
+    assert (again.fare_fen, again.collected_fen, again.held_fen) == (500, 500, 500)
     assert available(transit, card.purse_account_id) == 2_000 - 500 - 500
+    receipt = chip.composite_purchase(again.fare_fen, bytes((0x02, 46)) + bytes(46))
+    assert receipt.balance_after_fen == 1_500  # the chip and the ledger agree (but for the new hold)
+    answer = upload(transit, "X-1", [rec.Record.from_receipt(receipt)], route="M2", gate_id="G-X")
+    assert (answer.booked, answer.already_cleared) == (0, 1)
+    assert available(transit, card.purse_account_id) == 1_000
+
+
+def test_the_sweeper_charges_a_journey_nobody_closed(transit: Transit, gate: Gate) -> None:
+    card = add_rider(transit.server, 109, load_fen=2_000)
+    entry = gate.tap(tap(card.card_number, tap_id="sw1", route="M2", stop="M_OLDTOWN", mode=ENTRY,
+                         at=now() - dt.timedelta(hours=4), terminal_seq=71))
+    assert entry.accepted and entry.held_fen == 500
+    ledger = transit.server.ledger()
+    deadline = time.monotonic() + 60
+    while True:  # the sweeper runs every few seconds; wait for it, not for a time
+        balance = ledger.GetAccountBalance(ledger_pb2.GetAccountBalanceRequest(account_id=card.purse_account_id),
+                                           metadata=auth(transit.server.operator_token), timeout=TIMEOUT_S).balance
+        if balance.debits_posted_fen == 500:
+            break
+        assert time.monotonic() < deadline, "the sweeper did not charge the open journey"
+        time.sleep(0.2)
+    assert (balance.debits_pending_fen, balance.available_fen) == (0, 1_500)
+    # The next tap with the same operator collects the charge on the chip; the rider pays it once.
+    exit_ = gate.tap(tap(card.card_number, tap_id="sw2", route="M2", stop="M_OLDTOWN", mode=EXIT, at=now(),
+                         terminal_seq=72, card_counter=1))
+    assert exit_.accepted and exit_.collected_fen == 500
+    assert exit_.fare_fen == 500 + 500  # collected, and an exit without an entry pays the maximum
+    assert available(transit, card.purse_account_id) == 1_000
 
 
 def test_a_card_reported_lost_is_refused_online(transit: Transit, gate: Gate) -> None:
