@@ -1,30 +1,37 @@
 """How long does a city's roster take from import to print file, and does memory stay flat as it grows?
 
-    python -m benches.production [--json] [--sizes 10000,100000] [--roster dbf|csv] [--photos N] [--jobs 2]
+    python -m benches.production [--json] [--sizes 25000,50000,100000] [--roster dbf|csv] [--jobs 2]
+                                 [--photos N] [--core-encoder json|orjson]
 
 For each roster size, in its own process (so that each size's peak RSS is its own), on a fresh data
 directory on the same disk:
 
 * setup, not timed: the employers (one per 500 persons), the roster file the e-government system
-  exports (a GBK dBase III table by default), and every person's photo already converted to the
-  print specification, put in place the way photo intake leaves it;
-* timed, the operator's path from the roster to the producer's files: ``roster import`` (read, check
-  every row, write the entries), ``batch create`` (register the persons with their medical accounts
-  and order their cards, one batch per employer, at most ``batch_rows_max`` rows each), and
-  ``batch export-print`` of every batch (the GBK print DBF and the photos folder), ``--jobs`` tables at
-  a time;
-* ``peak_rss_mib``: the process's peak resident set size during the timed steps (the setup is done
-  before the peak is reset, and the roster file is written by a process of its own), and after each step the resident
-  memory split into anonymous (heap) and file-backed (LMDB's memory map of its data file, which grows
-  with the data written and is not the program's heap), with the size of the LMDB data file.
+  exports (a GBK dBase III table by default, written by a process of its own), and every person's
+  photo already converted to the print specification, put in place the way photo intake leaves it;
+* timed, the operator's path from the roster to the producer's files: ``roster import`` (``--jobs``
+  worker processes read the file and check the rows; this process checks what needs the registry and
+  writes the entries), ``batch create`` (register the persons with their medical accounts and order
+  their cards, one batch per employer, several batches a commit), and ``batch export-print`` of every
+  batch (the GBK print DBFs written by ``--jobs`` worker processes while this one hard-links the photos);
+* for each step: wall seconds and CPU seconds, of this process and of the worker processes it started
+  (the machine is shared: under other load the wall clock stretches, the CPU seconds much less);
+* memory: ``peak_rss_mib``, the process's peak resident set size during the timed steps (VmHWM, reset
+  after the setup); ``peak_heap_mib``, the largest anonymous resident memory seen at the steps' progress
+  calls (the heap: Python objects, LMDB's dirty pages, the ledger's in-memory account table); after each
+  step, resident memory split into anonymous and file-backed (LMDB's memory map of its data file, which
+  is the data written, paged by the kernel); and the size of the LMDB data file. ``growth`` divides the
+  largest size's figures by the smallest's: flat memory is a ratio near 1 where persons grow 4x.
 
-Photo intake is measured apart (``--photos`` employer photos of 480 x 591 pixels through the same
-checks and conversion, one process and ``--jobs`` processes), because photos arrive from employers over
-days and are not on the operator's path from import to print file; the 100,000-photo figure is
-extrapolated from the measured rate.
+Photo conversion is not on this path: photos arrive from employers over days, and intake (which
+converts them in ``--jobs`` processes) is measured apart with ``--photos N`` employer photos of 480 x 591
+pixels; the 100,000-photo figure is extrapolated from the measured rate.
+
+``--core-encoder orjson`` measures a proposed core change (the registry's JSON rows written by orjson,
+the same bytes) by patching it into the benchmark's processes; the default measures core as it is.
 
 This is a benchmark, not a test: nothing passes or fails on these numbers. The machine is shared:
-figures vary between runs, so compare runs made one after the other.
+figures vary between runs, so compare runs made one after the other, with their load average.
 """
 
 from __future__ import annotations
@@ -257,12 +264,29 @@ def run_photos(count: int, jobs: int, workdir: Path) -> dict[str, Any]:
     return figures
 
 
+def _use_core_encoder(name: str) -> None:
+    """``orjson``: the registry's row encoder replaced, in this process only, by orjson writing the same
+    bytes: a change to core/registry_store.py proposed by the production work, measured here before it
+    is made. ``json``: the registry as it is."""
+    if name == "json":
+        return
+    import orjson
+    from citycard.core import registry_store
+
+    def encode(record: Any) -> bytes:
+        return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+
+    registry_store.encode = encode
+
+
 def _child(args: argparse.Namespace) -> None:
+    _use_core_encoder(args.core_encoder)
     with tempfile.TemporaryDirectory(prefix="bench-production-", dir=args.dir) as scratch:
         if args.child == "photos":
             figures = run_photos(args.photos, args.jobs, Path(scratch))
         else:
             figures = run_size(int(args.child), args.roster, args.jobs, Path(scratch))
+    figures["core_encoder"] = args.core_encoder
     print(json.dumps(figures))
 
 
@@ -271,7 +295,8 @@ def _child(args: argparse.Namespace) -> None:
 
 def _run_child(what: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, "-m", "benches.production", "--child", what, "--roster", args.roster,
-               "--jobs", str(args.jobs), "--photos", str(args.photos)] + (["--dir", args.dir] if args.dir else [])
+               "--jobs", str(args.jobs), "--photos", str(args.photos), "--core-encoder", args.core_encoder] + (
+                   ["--dir", args.dir] if args.dir else [])
     done = subprocess.run(command, check=False, capture_output=True, text=True,
                           env={**os.environ, "CITYCARD_NOW": os.environ.get("CITYCARD_NOW",
                                                                             "2025-09-30T10:00:00+08:00")})
@@ -286,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES_DEFAULT)), help="roster sizes, comma-separated")
     parser.add_argument("--roster", default="dbf", choices=["dbf", "csv"])
     parser.add_argument("--photos", type=int, default=PHOTOS_DEFAULT, help="photos for the intake figure (0: skip)")
-    parser.add_argument("--jobs", type=int, default=2, help="processes for print tables and photo conversion")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes: roster reading and checks, print tables, photo conversion")
     parser.add_argument("--dir", default=None, help="where the scratch data directories go (default: the temp dir)")
+    parser.add_argument("--core-encoder", default="json", choices=["json", "orjson"],
+                        help="orjson: measure the proposed core change (the registry's rows encoded by orjson)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

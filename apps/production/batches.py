@@ -43,10 +43,11 @@ __all__ = ["BatchSummary", "CreateResult", "HeldBack", "batch_summary", "create_
 
 WAITING_PAGE_ROWS = 1000
 ACCOUNTS_PER_ROW_MAX = 2  # a new person's medical account and the card's e-purse
-# Rows of small batches gathered in one unit of work (a larger batch is committed alone): a staged row
-# holds about 20 KB until the commit, so this bounds memory near 40 MB while cutting the commits of a
-# city of 500-person employers fourfold.
-ROWS_PER_COMMIT = 2000
+# Rows of small batches gathered in one unit of work (a larger batch is committed alone). A row holds
+# about 20 KB until the commit: its staged records and the five or so B-tree pages it dirties, which
+# LMDB keeps in memory for reuse afterwards. So this bounds the heap (about 20 MB) while a city of
+# 500-person employers is committed two batches at a time.
+ROWS_PER_COMMIT = 1000
 HELD_BACK_LISTED_MAX = 10_000  # entries held back that a result lists; it counts them all
 Progress = Callable[[str, int, int | None], None]
 
