@@ -82,6 +82,9 @@ class PluginSupervisor:
             if self.services.auth.app(plugin.name) is None:
                 _, token = applications.register(registry, manifest, _SERVER, tls=tls)
             else:
+                _, added = applications.add_new_accounts(registry, plugin.name, manifest, _SERVER)
+                if added:
+                    log.info("plugin accounts opened", extra={"plugin": plugin.name, "accounts": added})
                 _, token = applications.rotate_credential(registry, plugin.name, _SERVER)
             return token or "", applications.load_applications(registry)
 
