@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benches.grpc import inprocess, machine
+from benches.grpc import inprocess, machine, process_cpu_s
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 90.0
@@ -55,7 +55,7 @@ def _percentile(values: list[float], q: float) -> float:
 # -- set-up: cards in the registry, the issuer's keys, the feed, the server --------------------------------------
 
 def prepare(directory: Path, cards: int) -> list[tuple[str, str, str]]:
-    """``cards`` persons with a card each and a loaded e-purse; (card number, card id code, id number)."""
+    """``cards`` persons with a card each and a loaded e-purse; (card number, card id code, "id number name")."""
     from citycard.core.identity import check_character
     from citycard.core.registry import Registry
 
@@ -72,7 +72,7 @@ def prepare(directory: Path, cards: int) -> list[tuple[str, str, str]]:
                 continue
             card = registry.issue_card(id_number, actor="bench")
             registry.load_purse(card.card_number, LOAD_FEN, actor="bench")
-            made.append((card.card_number, card.card_id_code, id_number))
+            made.append((card.card_number, card.card_id_code, f"{id_number} 乘客{n}"))
     return made
 
 
@@ -177,7 +177,8 @@ async def _online(address: str, token_file: str, cards: list[str], first_gate: i
     return {"decision_us": decision_us, "round_trip_us": round_trip_us, "refused": refused}
 
 
-def online(transit: dict[str, Any], cards: list[str], gates: int, rate: float, seconds: float) -> dict[str, Any]:
+def online(transit: dict[str, Any], cards: list[str], gates: int, rate: float, seconds: float,
+           core_pid: int) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     per = (gates + CLIENT_PROCESSES - 1) // CLIENT_PROCESSES
@@ -186,7 +187,9 @@ def online(transit: dict[str, Any], cards: list[str], gates: int, rate: float, s
         for i in range(CLIENT_PROCESSES)]
     for worker in workers:
         worker.start()
+    cpu_before = (process_cpu_s(core_pid), process_cpu_s(transit["pid"]))
     results = [out.get(timeout=seconds + 300) for _ in workers]
+    cpu_after = (process_cpu_s(core_pid), process_cpu_s(transit["pid"]))
     for worker in workers:
         worker.join()
     decisions = [v for r in results for v in r["decision_us"]]
@@ -200,7 +203,10 @@ def online(transit: dict[str, Any], cards: list[str], gates: int, rate: float, s
             "decision_p50_ms": round(_percentile(decisions, 50) / 1000, 3),
             "decision_p99_ms": round(_percentile(decisions, 99) / 1000, 3),
             "round_trip_p50_ms": round(_percentile(trips, 50) / 1000, 3),
-            "round_trip_p99_ms": round(_percentile(trips, 99) / 1000, 3), "refused": refused}
+            "round_trip_p99_ms": round(_percentile(trips, 99) / 1000, 3), "refused": refused,
+            # CPU over the whole phase (warm-up included) per tap answered in it, for the two server processes.
+            "core_cpu_ms_per_tap": round((cpu_after[0] - cpu_before[0]) * 1000 / max(1, len(decisions)), 3),
+            "transit_cpu_ms_per_tap": round((cpu_after[1] - cpu_before[1]) * 1000 / max(1, len(decisions)), 3)}
 
 
 # -- 2. offline clearing ---------------------------------------------------------------------------------------------
@@ -345,11 +351,12 @@ def denylist(core: dict[str, Any], transit: dict[str, Any], gates: int,
     stub = cards_pb2_grpc.CardsStub(grpc.insecure_channel(core["address"]))
     metadata = _token(core["operator_token_file"])
     reported_at: dict[str, int] = {}
-    for card, _, id_number in reported:
+    for card, _, holder in reported:
+        id_number, name = holder.split()
         time.sleep(0.5)
         reported_at[card] = time.time_ns()
         stub.ReportLoss(cards_pb2.ReportLossRequest(actor="bench", card_number=card, written=cards_pb2.WrittenReport(
-            holder_id_number=id_number, holder_name=f"乘客{int(id_number[14:17])}")), metadata=metadata,
+            holder_id_number=id_number, holder_name=name)), metadata=metadata,
             timeout=CALL_TIMEOUT_S)
     results = [out.get(timeout=300) for _ in workers]
     for worker in workers:
@@ -383,7 +390,7 @@ def main() -> int:
         skipped = {"skipped": True, "decision_p99_ms": float("nan"), "ratio_to_inprocess": float("nan"),
                    "p99_ms": float("nan")}
         online_result = online(transit, [card for card, _, _ in made[:args.gates]], args.gates, args.rate,
-                               args.seconds) if args.only in (None, "online") else skipped
+                               args.seconds, process.pid) if args.only in (None, "online") else skipped
         if args.only in (None, "offline"):
             offline_result = offline(transit, signed_batches(directory / "keys.json", made[:args.gates], args.batches),
                                      len(made[:args.gates]))

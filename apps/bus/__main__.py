@@ -1,6 +1,6 @@
 import sys
 
-from citycard.apps.plugin import main
 from citycard.apps.bus import TransitPlugin
+from citycard.apps.plugin import main
 
 sys.exit(main(TransitPlugin()))

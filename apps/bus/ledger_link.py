@@ -27,7 +27,7 @@ from citycard.v1 import ledger_pb2, ledger_pb2_grpc
 
 __all__ = ["LedgerLink", "LedgerUnavailable", "transfer_record"]
 
-IN_FLIGHT_MAX = 4
+IN_FLIGHT_MAX = 1
 log = logging.getLogger("citycard.apps.bus")
 
 
@@ -68,11 +68,24 @@ class LedgerLink:
         self._call: grpc.aio.StreamStreamCall | None = None
         self.requests_sent = 0
         self.transfers_sent = 0
+        self.broken = False  # the stream ended: nothing more is booked until reopen()
 
     async def start(self) -> None:
+        self._outgoing = asyncio.Queue()
         self._call = self._stub.CreateTransfersStream(self._requests(), metadata=self._metadata)
         self._tasks = [asyncio.create_task(self._read(), name="ledger-read"),
                        asyncio.create_task(self._flush(), name="ledger-flush")]
+        self.broken = False
+
+    async def reopen(self) -> None:
+        """A new stream after the old one broke (the core restarted, say)."""
+        for task in self._tasks:
+            task.cancel()
+        if self._call is not None:
+            self._call.cancel()
+        self._fail_all("the ledger stream was reopened")
+        await self.start()
+        log.info("the ledger stream is open again")
 
     async def close(self) -> None:
         await self._outgoing.put(None)
@@ -81,6 +94,11 @@ class LedgerLink:
         if self._call is not None:
             self._call.cancel()
         self._fail_all("the transit application is stopping")
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far has been answered by the ledger (a consistent read after it)."""
+        while (self._queued or self._waiting) and not self.broken:
+            await asyncio.sleep(0.001)
 
     async def book_one(self, record: np.ndarray) -> int:
         """Book one transfer (a TRANSFER_DTYPE record); its result code, 0 if booked."""
@@ -166,6 +184,7 @@ class LedgerLink:
             self._fail_all("the ledger stream ended")
 
     def _fail_all(self, why: str) -> None:
+        self.broken = True
         for future, _ in self._waiting.values():
             if not future.done():
                 future.set_exception(LedgerUnavailable(why))

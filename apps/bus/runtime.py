@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import grpc
-
 from citycard.apps.bus import feed_directory, operator_account_name
 from citycard.apps.bus.denylist import DenylistRelay
 from citycard.apps.bus.gtfs import load_feed

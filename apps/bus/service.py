@@ -149,6 +149,9 @@ class TransitService:
         problem = self._tap_problem(request)
         if problem:
             return _refusal(request.tap_id, transit_pb2.REFUSAL_INVALID, problem)
+        if self.link.broken:
+            return _refusal(request.tap_id, transit_pb2.REFUSAL_UNAVAILABLE,
+                            "the ledger is not reachable: decide offline and upload the records later")
         if self.relay.is_denied(request.card_number):
             return _refusal(request.tap_id, transit_pb2.REFUSAL_DENYLISTED, "the card is on the denylist")
         card = await self._card(request.card_number)
@@ -212,21 +215,24 @@ class TransitService:
                 decision = replace(decision, fare_fen=settles.amount_fen, held_fen=settles.amount_fen)
         collect = [owed for owed in self.owed.get(card.card_number, ()) if owed.agency_id == decision.agency_id]
         chain, opened = self._booking(decision, card, operator, chip_id, user_data, settles, at, collect)
+        collected = sum(owed.amount_fen for owed in collect)
+        chip_debit = collected + (0 if decision.outcome is fares.Outcome.HOLD else decision.fare_fen)
+        # What the e-purse account loses by this tap (the collected charges are refunded and charged again).
+        account_debit = (decision.held_fen if decision.outcome is fares.Outcome.HOLD
+                         else decision.fare_fen - (settles.amount_fen if settles else 0))
+        if account_debit > card.balance_fen or chip_debit > request.chip_balance_fen:
+            return _refusal(request.tap_id, transit_pb2.REFUSAL_INSUFFICIENT_BALANCE,
+                            "the e-purse cannot cover " + ("the hold" if decision.outcome is fares.Outcome.HOLD
+                                                           else "the fare"))
         if len(chain):
-            try:
-                results = await self.link.book_chain(chain)
-            except LedgerUnavailable as exc:
-                return _refusal(request.tap_id, transit_pb2.REFUSAL_UNAVAILABLE, f"the ledger did not answer: {exc}")
-            failed = [r for r in results if r not in (0, TransferResult.EXISTS, TransferResult.LINKED_EVENT_FAILED)]
-            if failed:
-                result = failed[0]
-                if result in (TransferResult.EXCEEDS_CREDITS, TransferResult.DEBIT_ACCOUNT_FROZEN):
-                    self._card_cache.pop(card.card_number, None)  # ask the core for the balance again
-                    return _refusal(request.tap_id, transit_pb2.REFUSAL_INSUFFICIENT_BALANCE,
-                                    "the e-purse cannot cover the fare" if result == TransferResult.EXCEEDS_CREDITS
-                                    else "the e-purse account is frozen")
-                return _refusal(request.tap_id, transit_pb2.REFUSAL_UNAVAILABLE,
-                                f"the ledger refused the booking: {TransferResult(result).name}")
+            # Decided: the booking goes to the ledger now, in order behind every earlier tap's, and the answer
+            # does not wait for it. The chip transaction it stands for is signed by the chip with its TAC and
+            # uploaded by the gate, so a booking lost before it was written is made by the upload (same id).
+            booking = asyncio.ensure_future(self.link.book_chain(chain))
+            booking.add_done_callback(lambda done, key=f"{request.gate_id}/{request.tap_id}", card=card,
+                                      agency=decision.agency_id, amount=chip_debit, chip=chip_id,
+                                      settles=settles, records=chain: self._booked(done, key, card, agency, amount,
+                                                                                   chip, settles, records))
         self._riders[card.card_number] = fares.commit(state, decision, hold_ref=opened)
         if opened is not None:
             self.holds[card.card_number] = opened
@@ -234,7 +240,6 @@ class TransitService:
         elif settles is not None:
             self.holds.pop(card.card_number, None)
             self.store.close_hold(card.card_number)
-        collected = sum(owed.amount_fen for owed in collect)
         day = clock.today().isoformat()
         for owed in collect:
             self.owed[card.card_number].remove(owed)
@@ -243,9 +248,7 @@ class TransitService:
                                   -owed.amount_fen, decision.rider_category_id,
                                   "a missing tap-off's charge, collected on the chip at this tap (the tap carries it)")
         # The hold was taken off the available balance at entry: the exit gives it back and takes the fare.
-        card.balance_fen += (settles.amount_fen if settles else 0) - decision.fare_fen - (
-            decision.held_fen if decision.outcome is fares.Outcome.HOLD else 0)
-        chip_debit = collected + (0 if decision.outcome is fares.Outcome.HOLD else decision.fare_fen)
+        card.balance_fen -= account_debit
         answer = transit_pb2.TapDecision(
             tap_id=request.tap_id, accepted=True, fare_fen=chip_debit,
             held_fen=decision.held_fen if decision.outcome is fares.Outcome.HOLD else 0,
@@ -259,6 +262,33 @@ class TransitService:
             discount_fen=decision.discount_fen, rider_category=decision.rider_category_id, capped=decision.capped,
             answer=answer.SerializeToString()))
         return answer
+
+    def _booked(self, done: asyncio.Future[list[int]], key: str, card: CardInfo, agency_id: str, amount_fen: int,
+                chip_id: int, settles: OpenHold | None, chain: np.ndarray) -> None:
+        """A decided tap's booking came back. Refused (rare: the account was spent elsewhere meanwhile, or the
+        hold it settles was lost): a hold that is gone is replaced by a plain transfer of the chip transaction;
+        anything else is recorded as unbooked for the settlement, and the gate's upload of the chip's record
+        retries it."""
+        try:
+            results = done.result()
+        except LedgerUnavailable as exc:
+            reason = f"the ledger did not answer: {exc}"
+        else:
+            failed = [r for r in results if r not in (0, TransferResult.EXISTS, TransferResult.LINKED_EVENT_FAILED)]
+            if not failed:
+                return
+            if settles is not None and failed[0] == TransferResult.PENDING_TRANSFER_NOT_FOUND and amount_fen:
+                retry = transfer_record(chip_id, settles.purse_account, settles.operator_account, amount_fen,
+                                        TransferCode.PURCHASE)
+                again = asyncio.ensure_future(self.link.book_chain(retry))
+                again.add_done_callback(lambda second: self._booked(second, key, card, agency_id, amount_fen,
+                                                                    chip_id, None, retry))
+                return
+            reason = TransferResult(failed[0]).name
+        log.error("the booking of tap %s was refused: %s; the gate's upload of its chip record retries it",
+                  key, reason)
+        self._card_cache.pop(card.card_number, None)  # ask the core for the balance again
+        self.store.add_unbooked(key, card.card_number, agency_id, clock.today().isoformat(), amount_fen, reason)
 
     def _booking(self, decision: fares.FareDecision, card: CardInfo, operator: int, chip_id: int, user_data: int,
                  settles: OpenHold | None, at: _dt.datetime, collect: list[Owed]) -> tuple[np.ndarray, OpenHold | None]:
@@ -380,6 +410,8 @@ class TransitService:
         while True:
             await asyncio.sleep(SWEEP_S)
             try:
+                if self.link.broken:
+                    await self.link.reopen()
                 await self.sweep()
             except Exception:
                 log.exception("the missing tap-off sweep failed")
@@ -553,6 +585,8 @@ class TransitService:
         if agency_id not in self.operator_accounts:
             raise TransitError("NOT_FOUND", f"agency_id: no operator {agency_id!r}", "agency_id")
         loop = asyncio.get_running_loop()
+        await self.link.drain()  # every decided tap's booking is on the ledger (or recorded as unbooked)
+        await asyncio.sleep(0)  # let the last answers' callbacks record what they must
         await loop.run_in_executor(None, self.store.flush)
         summary = await loop.run_in_executor(None, self.store.day_summary, agency_id, day.isoformat())
         received = await self._received(self.operator_accounts[agency_id], day)

@@ -193,6 +193,10 @@ def settlement_csv(response: transit_pb2.GetSettlementResponse, summary: dict[st
     for batch, index, serial, counter, outcome, message in summary["rejected"]:
         writer.writerow([response.agency_id, response.date, "rejected_record", "", 1, 0, 0,
                          f"{batch}#{index} serial {serial} counter {counter}: {outcome}: {message}"])
+    for key, card, amount, reason in summary.get("unbooked", ()):
+        writer.writerow([response.agency_id, response.date, "unbooked_tap", "", 1, amount, 0,
+                         (f"tap {key} of card {card}: the ledger refused its booking ({reason}); the gate's upload of "
+                         "the chip record retries it")])
     return out.getvalue()
 
 

@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS rejected (
     app_serial TEXT NOT NULL, card_counter INTEGER NOT NULL, outcome TEXT NOT NULL, message TEXT NOT NULL,
     PRIMARY KEY (batch_key, idx));
 CREATE INDEX IF NOT EXISTS rejected_by_day ON rejected (agency_id, day);
+CREATE TABLE IF NOT EXISTS unbooked (      -- a decided tap whose booking the ledger refused (the upload retries it)
+    key TEXT PRIMARY KEY, card_number TEXT NOT NULL, agency_id TEXT NOT NULL, day TEXT NOT NULL,
+    amount_fen INTEGER NOT NULL, reason TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS unbooked_by_day ON unbooked (agency_id, day);
 CREATE TABLE IF NOT EXISTS owed (          -- charged on the ledger, not yet debited from the chip
     post_id TEXT PRIMARY KEY, card_number TEXT NOT NULL, agency_id TEXT NOT NULL, amount_fen INTEGER NOT NULL,
     purse_account TEXT NOT NULL, operator_account TEXT NOT NULL);
@@ -131,6 +135,11 @@ class Store:
 
     def close_hold(self, card_number: str) -> None:
         self._queue.put(("DELETE FROM holds WHERE card_number = ?", (card_number,)))
+
+    def add_unbooked(self, key: str, card_number: str, agency_id: str, day: str, amount_fen: int,
+                     reason: str) -> None:
+        self._queue.put(("INSERT OR REPLACE INTO unbooked VALUES (?,?,?,?,?,?)",
+                         (key, card_number, agency_id, day, amount_fen, reason)))
 
     def add_owed(self, owed: Owed) -> None:
         self._queue.put(("INSERT OR IGNORE INTO owed VALUES (?,?,?,?,?,?)",
@@ -228,7 +237,10 @@ class Store:
             rejected = self._db.execute(
                 "SELECT batch_key, idx, app_serial, card_counter, outcome, message FROM rejected "
                 "WHERE agency_id = ? AND day = ? ORDER BY batch_key, idx", (agency_id, day)).fetchall()
-        return {"taps": taps, "charges": charges, "batches": batches, "rejected": rejected}
+            unbooked = self._db.execute(
+                "SELECT key, card_number, amount_fen, reason FROM unbooked WHERE agency_id = ? AND day = ? "
+                "ORDER BY key", (agency_id, day)).fetchall()
+        return {"taps": taps, "charges": charges, "batches": batches, "rejected": rejected, "unbooked": unbooked}
 
     def close(self) -> None:
         self._queue.put(None)

@@ -20,7 +20,7 @@ from citycard.card import MasterKeys, VirtualCard
 from citycard.card.purse import EP
 from citycard.core import clock
 from grpc_helpers import auth, citizen_id
-from transit_helpers import Transit, add_rider, start_transit
+from transit_helpers import Transit, add_rider, eventually, start_transit
 
 from citycard.v1 import cards_pb2, ledger_pb2
 
@@ -83,7 +83,8 @@ def test_metro_journey_online_then_its_records_uploaded(transit: Transit, tmp_pa
         off = exit_.tap()
         assert off.accepted and off.online and 0 < off.fare_fen <= 500, off
         assert chip.image.purse.balances[EP] == 3_000 - off.fare_fen == off.chip_balance_fen
-        assert ledger_balance(transit, card.purse_account_id) == 3_000 - off.fare_fen == off.ledger_balance_fen
+        assert eventually(lambda: ledger_balance(transit, card.purse_account_id), 3_000 - off.fare_fen) \
+            == 3_000 - off.fare_fen == off.ledger_balance_fen
         record = chip_transit_record(slot.reader.name)
         assert (record.state, record.stop_id, record.amount_fen) == (JourneyState.EXITED, "M_UNIV", off.fare_fen)
         assert [r.online for r in entry.store.records() + exit_.store.records()] == [True, True]
@@ -98,7 +99,8 @@ def test_metro_journey_online_then_its_records_uploaded(transit: Transit, tmp_pa
         [entry_answer] = entry.upload()
         assert (entry_answer.booked, entry_answer.rejected, entry_answer.booked_fen) == (0, 0, 0)
         assert exit_.upload() == [] and entry.upload() == []  # nothing left to send
-        assert ledger_balance(transit, card.purse_account_id) == 3_000 - off.fare_fen
+        assert eventually(lambda: ledger_balance(transit, card.purse_account_id), 3_000 - off.fare_fen) \
+            == 3_000 - off.fare_fen
     finally:
         entry.close()
         exit_.close()

@@ -8,16 +8,27 @@ import datetime as dt
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "grpc"))
 
 from citycard.apps.bus.ids import app_serial_of_card
-from citycard.card import CardChannel, IssuerHost, MasterKeys, MemoryTransport, SoftSam, Terminal, VirtualCard
-from citycard.card import personalize, profile_from_json
+from citycard.card import (
+    CardChannel,
+    IssuerHost,
+    MasterKeys,
+    MemoryTransport,
+    SoftSam,
+    Terminal,
+    VirtualCard,
+    personalize,
+    profile_from_json,
+)
 from citycard.card.personalize import SAMPLE_PROFILE
 from citycard.card.state import MemoryStore
 from grpc_helpers import RunningServer, auth, citizen_id, start_server
@@ -29,6 +40,7 @@ TEST_KEYS_PATH = TESTS / "card" / "data" / "test-master-keys.json"
 PIN = SAMPLE_PROFILE["initial_pin"]
 CALL_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 60.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -100,11 +112,22 @@ def chip_terminal(card: cards_pb2.Card, keys: MasterKeys, terminal_id: bytes, *,
     return terminal
 
 
+def eventually(read: Callable[[], T], expected: T, timeout_s: float = 30.0) -> T:
+    """``read()`` until it gives ``expected`` (or the time is up): the service answers a tap before its booking
+    reaches the ledger, so a test that reads the ledger directly waits for it, never for a fixed time."""
+    deadline = time.monotonic() + timeout_s
+    value = read()
+    while value != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+        value = read()
+    return value
+
+
 def tap(card_number: str, *, tap_id: str, route: str, stop: str, mode: int, at: dt.datetime,
         gate: str = "G1", terminal_id: str = "0A0B0C0D0E0F", terminal_seq: int = 1,
-        card_counter: int = 0) -> transit_pb2.TapRequest:
+        card_counter: int = 0, chip_balance_fen: int = 1_000_000) -> transit_pb2.TapRequest:
     request = transit_pb2.TapRequest(tap_id=tap_id, card_number=card_number, gate_id=gate, route_id=route,
                                      stop_id=stop, mode=mode, terminal_id=terminal_id, terminal_seq=terminal_seq,
-                                     card_counter=card_counter)
-    request.at.FromDatetime(at.astimezone(dt.timezone.utc))
+                                     card_counter=card_counter, chip_balance_fen=chip_balance_fen)
+    request.at.FromDatetime(at.astimezone(dt.UTC))
     return request
