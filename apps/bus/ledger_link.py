@@ -27,7 +27,7 @@ from citycard.v1 import ledger_pb2, ledger_pb2_grpc
 
 __all__ = ["LedgerLink", "LedgerUnavailable", "transfer_record"]
 
-IN_FLIGHT_MAX = 1
+IN_FLIGHT_MAX = 4
 log = logging.getLogger("citycard.apps.bus")
 
 
