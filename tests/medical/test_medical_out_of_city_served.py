@@ -1,6 +1,6 @@
 """Out-of-city treatment through the served Medical service: the CLI (`citycard medical partners ...`,
 `settle-out-of-city`, `clearing-report`) over gRPC, and a data directory whose medical registration predates
-the clearing account (local settlement goes on; out-of-city bills are refused with the reason)."""
+the clearing account (opened on the old registration at the next start)."""
 
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def test_cli_partner_settlement_and_clearing_report(plugin_server, tmp_path, cap
     assert "MEDICAL_INVALID" in capsys.readouterr().err
 
 
-def test_a_registration_from_before_the_clearing_account_still_works(tmp_path):
-    """The core opens a manifest's accounts at registration only, and later starts rotate the credential:
-    a data directory registered before the clearing account existed keeps settling local bills."""
+def test_a_registration_from_before_the_clearing_account_gets_it_at_the_next_start(tmp_path):
+    """A data directory registered before the clearing account existed keeps settling local bills, and the next
+    `citycard serve` opens the account the newer manifest names, so out-of-city bills settle too."""
     data = tmp_path / "data"
     first = start_server(data)
     old_manifest = MedicalPlugin().manifest()
@@ -107,11 +107,11 @@ def test_a_registration_from_before_the_clearing_account_still_works(tmp_path):
                                      category_b_self_paid_per_mille=150, inpatient_deductible_fen=[1, 2, 3],
                                      inpatient_rate_per_mille=[900, 870, 850], annual_cap_fen=1))),
             metadata=operator, timeout=TIMEOUT_S)
-        with pytest.raises(grpc.RpcError) as caught:
-            medical.SettleOutOfCity(medical_pb2.SettleOutOfCityRequest(
-                institution="P3701401", bill_no="Y1", home_city="110000", home_insurance_number="110105198001010012",
-                visit=medical_pb2.VISIT_TYPE_PHARMACY, items=items), metadata=pharmacy, timeout=TIMEOUT_S)
-        assert medical_reason(caught.value) == (grpc.StatusCode.FAILED_PRECONDITION, "MEDICAL_PRECONDITION_FAILED")
-        assert "no clearing account" in caught.value.details()
+        # `citycard serve` opened the clearing account the newer manifest names on the old registration.
+        receipt = medical.SettleOutOfCity(medical_pb2.SettleOutOfCityRequest(
+            institution="P3701401", bill_no="Y1", home_city="110000", home_insurance_number="110105198001010012",
+            visit=medical_pb2.VISIT_TYPE_PHARMACY, items=items), metadata=pharmacy, timeout=TIMEOUT_S).receipt
+        assert receipt.total_fen == 2_800
+        assert "plugin accounts opened" in served.log_text()
     finally:
         assert served.stop() == 0, served.log_text()
