@@ -98,6 +98,17 @@ _LINKED, _PENDING, _POST_PENDING, _VOID_PENDING = (int(flag) for _, flag in _TRA
 if (_RECORD_TAIL.size + len(_ID_FIELDS) * _ID_BYTES != PACKED_RECORD_BYTES
         or [name for name, *_ in _NUMBER_FIELDS] != ["amount_fen", "ledger", "code", "timeout_seconds"]):
     raise ImportError("_small_batch no longer matches the record or the message fields")
+# The packed records' rules over their u64 words, one whole-batch column each (a column of an (n, 16)
+# array is one strided pass; a 2-d block of columns costs several times more): the words of the required
+# ids as [lo, hi] pairs (id, debit, credit: the first three of _ID_FIELDS), and in word 15 (code | flags << 16
+# | reserved << 32) the bits that must be zero: unknown flags and the reserved bytes.
+_REQUIRED_ID_WORDS = ((0, 1), (2, 3), (4, 5))
+if [required for _, required in _ID_FIELDS] != [True] * 3 + [False] * 3:
+    raise ImportError("_REQUIRED_ID_WORDS no longer matches _ID_FIELDS")
+_FLAGS_UNKNOWN = ~_FLAGS_KNOWN & U16_MAX
+_WORD15_MUST_BE_ZERO = np.uint64((_FLAGS_UNKNOWN << 16) | (U32_MAX << 32))
+_WORD15_CODE = np.uint64(U16_MAX)
+_SHIFT_SIGN, _SHIFT_LEDGER = np.uint64(63), np.uint64(32)
 SMALL_BATCH_MAX = 4  # up to here transfers_from_messages converts one transfer at a time
 ACCOUNT_KINDS = frozenset(common_pb2.AccountKind.values()) - {common_pb2.ACCOUNT_KIND_UNSPECIFIED}
 
@@ -279,32 +290,51 @@ def _name_bad_number(numbers: np.ndarray, field: str) -> None:
 
 def transfers_from_packed(payload: bytes, field: str = "packed_transfers") -> np.ndarray:
     """A request's packed transfers (ledger.proto: 128-byte little-endian records) as a TRANSFER_DTYPE
-    batch of its own (writable, not a view of the message), every record checked."""
+    batch, every record checked.
+
+    The batch is a read-only view of ``payload``, not a copy: the ledger only reads a batch, and ``payload``
+    is immutable bytes of this request's own (reading the message field made them). A structured copy would
+    cost more than all the checks together (numpy copies such a dtype field by field, record by record), as
+    would the checks run per structured field; they run instead over the records' u64 words (_WORD_LAYOUT),
+    a few whole-batch operations, and only a refused batch is looked at field by field."""
     if len(payload) % PACKED_RECORD_BYTES:
         raise FieldError(field, f"is {len(payload)} bytes, not a whole number of {PACKED_RECORD_BYTES}-byte records")
     count = len(payload) // PACKED_RECORD_BYTES
     check_batch_size(count, field)
-    batch = np.frombuffer(payload, dtype=TRANSFER_DTYPE).copy()
-    problems = _packed_problems(batch)
-    if np.logical_or.reduce([mask for _, mask, _ in problems]).any():
-        for name, mask, problem in problems:
+    words = np.frombuffer(payload, dtype="<u8").reshape(count, _RECORD_WORDS)
+    if not _packed_good(words):
+        for name, mask, problem in _packed_problems(words):
             found = np.flatnonzero(mask)
             if len(found):
                 raise FieldError(f"{field}[{int(found[0])}].{name}", problem)
-    return batch
+        raise AssertionError("a packed batch failed the word check but no field does")
+    return np.frombuffer(payload, dtype=TRANSFER_DTYPE)
 
 
-def _packed_problems(batch: np.ndarray) -> list[tuple[str, Any, str]]:
-    """(field, which records break the rule, the rule), in the order a bad field is named."""
-    problems = [(name, ~batch[name].any(axis=1), "is required (not zero)")
-                for name, required in _ID_FIELDS if required]
+def _packed_good(words: np.ndarray) -> bool:
+    """Whether every record keeps the rules _packed_problems names: zero where it must be (an amount over
+    int64 has the sign bit; the timestamp; word 15's reserved bits), and a required field not zero."""
+    must_be_zero = (words[:, 12] >> _SHIFT_SIGN) | words[:, 13] | (words[:, 15] & _WORD15_MUST_BE_ZERO)
+    if must_be_zero.any():
+        return False
+    required = [words[:, lo] | words[:, hi] for lo, hi in _REQUIRED_ID_WORDS]
+    required += [words[:, 14] >> _SHIFT_LEDGER, words[:, 15] & _WORD15_CODE]
+    return all(column.all() for column in required)
+
+
+def _packed_problems(words: np.ndarray) -> list[tuple[str, Any, str]]:
+    """(field, which records break the rule, the rule), in the order a bad field is named; ``words`` are
+    the records as (n, 16) u64."""
+    problems = [(name, (words[:, lo] | words[:, hi]) == 0, "is required (not zero)")
+                for (name, _), (lo, hi) in zip(_ID_FIELDS, _REQUIRED_ID_WORDS)]
+    timeout_ledger, code_flags_reserved = words[:, 14], words[:, 15]
     problems += [
-        ("amount_fen", batch["amount"] > np.uint64(INT64_MAX), f"is over the API's int64 maximum of {INT64_MAX}"),
-        ("ledger", batch["ledger"] == 0, "is required (not zero)"),
-        ("code", batch["code"] == 0, "is required (not zero)"),
-        ("flags", (batch["flags"] & np.uint16(~_FLAGS_KNOWN & U16_MAX)) != 0,
+        ("amount_fen", words[:, 12] > np.uint64(INT64_MAX), f"is over the API's int64 maximum of {INT64_MAX}"),
+        ("ledger", (timeout_ledger >> _SHIFT_LEDGER) == 0, "is required (not zero)"),
+        ("code", (code_flags_reserved & _WORD15_CODE) == 0, "is required (not zero)"),
+        ("flags", (code_flags_reserved & np.uint64(_FLAGS_UNKNOWN << 16)) != 0,
          f"bits above {_FLAGS_KNOWN:#x} are reserved and must be zero"),
-        ("reserved", (batch["timestamp"] != 0) | (batch["reserved"] != 0),
+        ("reserved", (words[:, 13] != 0) | ((code_flags_reserved >> np.uint64(32)) != 0),
          "bytes 104 to 111 and 124 to 127 of a record are reserved and must be zero"),
     ]
     return problems

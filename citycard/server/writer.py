@@ -186,7 +186,7 @@ class Writer:
 
     def _run_transfers(self, jobs: list[_Job]) -> list[_Answer]:
         batches = [job.batch for job in jobs if job.batch is not None]  # all of them: _take took transfer jobs
-        combined = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        combined = batches[0] if len(batches) == 1 else _joined(batches)
         try:
             results = self.registry.ledger.create_transfers(combined)
         except Exception as exc:  # noqa: BLE001 - every waiting caller must hear of it
@@ -223,6 +223,12 @@ class Writer:
             self._loop.call_soon_threadsafe(_settle, answers)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             log.warning("%d answers arrived after the event loop closed", len(answers))
+
+
+def _joined(batches: list[np.ndarray]) -> np.ndarray:
+    """The batches as one, joined as bytes: numpy concatenates a structured dtype such as TRANSFER_DTYPE
+    field by field, record by record, about fifteen times slower than copying the bytes."""
+    return np.frombuffer(b"".join([np.ascontiguousarray(batch) for batch in batches]), dtype=batches[0].dtype)
 
 
 def _settle(answers: list[_Answer]) -> None:

@@ -72,7 +72,8 @@ def test_messages_and_packed_records_become_the_cores_own_batch(rows, width, upp
     from_packed = transfers_from_packed(as_packed(rows))
     assert from_messages.tobytes() == expected.tobytes()
     assert from_packed.tobytes() == expected.tobytes()
-    assert from_packed.flags.writeable  # the ledger's own copy, not a view of the message
+    # A view of the payload (the ledger only reads it), read-only so nothing on the way can change it.
+    assert not from_packed.flags.writeable
 
 
 BAD_IDS = ["", "xyz", "1" * 33, " 12", "12 34", "+1", "\u0663", "0x1f"]
@@ -103,6 +104,41 @@ def test_a_bad_number_is_named(name, value, field):
     with pytest.raises(FieldError) as refused:
         transfers_from_messages(messages)
     assert refused.value.field == f"transfers[3].{field}"
+
+
+def packed_rule_broken(payload: bytes) -> str | None:
+    """ledger.proto's rules for packed records, one record at a time: the first rule (in the order the server
+    names them) that any record breaks, as ``[index].field`` for that rule's first such record."""
+    records = list(PACKED.iter_unpack(payload))
+    rules = [(name, lambda r, at=at: not any(r[at])) for at, name in enumerate(ID_FIELDS[:3])] + [
+        ("amount_fen", lambda r: r[6] > INT64_MAX), ("ledger", lambda r: r[9] == 0), ("code", lambda r: r[10] == 0),
+        ("flags", lambda r: r[11] > 15), ("reserved", lambda r: r[7] != 0 or r[12] != 0)]
+    for name, broken in rules:
+        for index, record in enumerate(records):
+            if broken(record):
+                return f"[{index}].{name}"
+    return None
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=transfer_rows(), data=st.data())
+def test_packed_records_are_refused_by_the_rule_and_named_in_its_order(rows, data):
+    payload = bytearray(as_packed(rows))
+    for _ in range(data.draw(st.integers(0, 3))):  # a few bytes set, or a few required fields zeroed
+        record = data.draw(st.integers(0, len(rows) - 1)) * 128
+        if data.draw(st.booleans()):
+            at = record + data.draw(st.integers(0, 127))
+            payload[at] = data.draw(st.sampled_from([0, 0x80, 0x10, 0xFF]))
+        else:
+            start, end = data.draw(st.sampled_from([(0, 16), (16, 32), (32, 48), (116, 120), (120, 122)]))
+            payload[record + start:record + end] = bytes(end - start)
+    expected = packed_rule_broken(bytes(payload))
+    if expected is None:
+        assert transfers_from_packed(bytes(payload)).tobytes() == bytes(payload)
+        return
+    with pytest.raises(FieldError) as refused:
+        transfers_from_packed(bytes(payload))
+    assert refused.value.field == "packed_transfers" + expected
 
 
 def test_batch_sizes_are_checked_in_both_forms():
