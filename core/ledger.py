@@ -359,8 +359,36 @@ def _require(array: np.ndarray | None, name: str) -> np.ndarray:
 # -- building batches from Python values ------------------------------------------------------------
 
 def accounts_array(rows: Iterable[dict[str, Any]]) -> np.ndarray:
-    """Account records from dicts with int ids: {"id", "ledger", "code", "flags", "owner", "user_data"}."""
-    return _records_from(rows, ACCOUNT_DTYPE, ("id", "owner"))
+    """Account records from dicts with int ids: {"id", "ledger", "code", "flags", "owner", "user_data"}.
+
+    Checked row by row, field by field (the first wrong field is the error, as ``_records_from``
+    reports it), then written a column at a time: numpy sets one field of one record some ten times
+    slower than it fills a column from a list, and a production commit opens two thousand accounts."""
+    rows = list(rows)
+    columns: dict[str, tuple[list[int], list[Any]]] = {}
+    for index, row in enumerate(rows):
+        for field, value in row.items():
+            if field not in _ACCOUNT_FIELDS:
+                raise LedgerInputError(f"row {index}: unknown field {field!r}")
+            if field in _ACCOUNT_WIDE_FIELDS:
+                value = u128_words(int(value))
+            elif field == "reserved":
+                raise LedgerInputError(f"row {index}: reserved must stay zero")
+            elif isinstance(value, float) or not 0 <= int(value) <= AMOUNT_MAX:
+                raise LedgerInputError(f"row {index}: {field}={value!r} is not an unsigned integer")
+            else:
+                value = int(value)
+            positions, values = columns.setdefault(field, ([], []))
+            positions.append(index)
+            values.append(value)
+    array = np.zeros(len(rows), dtype=ACCOUNT_DTYPE)
+    for field, (positions, values) in columns.items():
+        array[field][positions] = values
+    return array
+
+
+_ACCOUNT_FIELDS = frozenset(ACCOUNT_DTYPE.names)
+_ACCOUNT_WIDE_FIELDS = frozenset({"id", "owner"})
 
 
 def transfers_array(rows: Iterable[dict[str, Any]]) -> np.ndarray:

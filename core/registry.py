@@ -30,6 +30,7 @@ from typing import Any, Self
 from citycard.core import denylist, lifecycle
 from citycard.core.audit import AuditChain, AuditEntry, AuditProblem
 from citycard.core.identity import (
+    CITIZEN_ID_LENGTH,
     Gender,
     IdentityError,
     mask_id,
@@ -252,27 +253,37 @@ class Registry(LifecycleOperations):
                      date_of_birth: _dt.date | str, residence: str, household_registration: str,
                      status: PersonStatus | str, nationality: str = NATIONALITY_DEFAULT, employer: str | None = None,
                      categories: Iterable[Category | str] = (), actor: str, channel: Channel | str = Channel.COUNTER,
-                     at: _dt.datetime, audit: bool = True) -> Person:
+                     at: _dt.datetime, audit: bool = True, prechecked: bool = False) -> Person:
         """``add_person`` staged in the caller's unit of work (see ``begin``); ``audit=False`` leaves
-        the audit entry to the caller, who records one for the whole lot."""
+        the audit entry to the caller, who records one for the whole lot.
+
+        ``prechecked=True`` is for bulk enrolment whose rows were checked already: the caller has
+        validated the ID number (``validate_citizen_id`` against this birth date and gender) and the
+        name (``validate_name``), and passes the values those returned; they are not validated again
+        (a roster row's checks, apps/production/rowcheck.py, cost as much as the rest of enrolment).
+        Everything else is checked as always, and the gender stored is still the ID number's."""
         at = as_instant(at)
         channel = check_actor(actor, channel)
         birth = _parse_date(date_of_birth, "date_of_birth")
-        try:
-            citizen = validate_citizen_id(id_number, date_of_birth=birth, gender=gender, today=at.date())
-            name = validate_name(name)
-        except IdentityError as exc:
-            raise from_identity_error(exc) from None
-        subject = f"person {citizen.masked}"
+        if prechecked:
+            number, holder_gender = _prechecked_citizen_id(id_number)
+        else:
+            try:
+                citizen = validate_citizen_id(id_number, date_of_birth=birth, gender=gender, today=at.date())
+                name = validate_name(name)
+            except IdentityError as exc:
+                raise from_identity_error(exc) from None
+            number, holder_gender = citizen.number, citizen.gender
+        subject = f"person {mask_id(number)}"
         status = parse_enum(PersonStatus, status, "status", subject)
         unique_categories = sorted({parse_enum(Category, category, "categories", subject) for category in categories})
         unit_code = self._check_person_employer(employer, status, subject)
-        key = citizen.number.encode("ascii")
+        key = number.encode("ascii")
         if stage.get(PERSONS, key) is not None:
             raise RegistryError("id_number", "is already registered", subject=subject, code=ErrorCode.ALREADY_EXISTS)
         seq = stage.next_seq("person")
         person = Person(
-            id_number=citizen.number, name=name, gender=citizen.gender, date_of_birth=birth,
+            id_number=number, name=name, gender=holder_gender, date_of_birth=birth,
             nationality=_nationality(nationality, subject),
             residence=check_text(residence, "residence", subject=subject),
             household_registration=check_text(household_registration, "household_registration", subject=subject),
@@ -381,15 +392,17 @@ class Registry(LifecycleOperations):
         return card
 
     def stage_card(self, stage: Stage, holder: Person | str, *, actor: str, channel: Channel | str = Channel.BATCH,
-                   at: _dt.datetime, audit: bool = True) -> Card:
+                   at: _dt.datetime, audit: bool = True, prechecked: bool = False) -> Card:
         """``issue_card`` of a person's card staged in the caller's unit of work (see ``begin``);
         ``holder`` is the citizen ID or the Person as ``stage_person`` returned it. The one-usable-card
         rule is checked against what is committed: a caller staging many cards stages at most one per
-        holder."""
+        holder. ``prechecked=True``: the caller has just read the holder's cards (``cards_of``) in
+        this unit of work and found none that is not retired, so they are not scanned again."""
         at = as_instant(at)
         channel = check_actor(actor, channel)
         person = holder if isinstance(holder, Person) else self._staged_person(stage, holder)
-        self._refuse_second_usable_card(CardKind.INDIVIDUAL, person.id_number)
+        if not prechecked:
+            self._refuse_second_usable_card(CardKind.INDIVIDUAL, person.id_number)
         return self._stage_new_card(stage, kind=CardKind.INDIVIDUAL, holder=person.id_number, actor=actor,
                                     channel=channel, at=at, audit=audit, person=person)
 
@@ -709,6 +722,17 @@ def _parse_date(value: _dt.date | str, field_name: str) -> _dt.date:
         except ValueError:
             pass
     raise RegistryError(field_name, f"{value!r} is not a date written YYYY-MM-DD")
+
+
+def _prechecked_citizen_id(id_number: str) -> tuple[str, Gender]:
+    """A citizen ID the caller validated (``stage_person(prechecked=True)``) and the gender its
+    sequence digits give, as ``validate_citizen_id`` derives it. Its shape is still asserted: a caller's
+    mistake must not become a key."""
+    if not (isinstance(id_number, str) and len(id_number) == CITIZEN_ID_LENGTH and id_number.isascii()
+            and id_number[:-1].isdigit() and (id_number[-1].isdigit() or id_number[-1] == "X")):
+        raise RegistryError("id_number", "a prechecked citizen ID must be 17 digits and a digit or X",
+                            subject=f"person {mask_id(str(id_number))}")
+    return id_number, Gender.MALE if int(id_number[14:17]) % 2 == 1 else Gender.FEMALE
 
 
 def _nationality(value: str, subject: str) -> str:

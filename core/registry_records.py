@@ -254,8 +254,16 @@ def stored_record(kind: type[_Record], record: dict[str, Any], where: str) -> _R
 
 def _shallow_fields(record: Any) -> dict[str, Any]:
     """A record's fields by name, one level deep: ``asdict`` copies recursively, which costs a bulk
-    import of a hundred thousand rows seconds; the ``to_json`` methods convert the nested values."""
-    return {item.name: getattr(record, item.name) for item in fields(record)}
+    import of a hundred thousand rows seconds; the ``to_json`` methods convert the nested values.
+    The names of a record class's fields are read once (``fields`` builds them anew at every call)."""
+    kind = type(record)
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        names = _FIELD_NAMES[kind] = tuple(item.name for item in fields(record))
+    return {name: getattr(record, name) for name in names}
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # record class -> its field names (a handful of classes)
 
 
 @dataclass(frozen=True)

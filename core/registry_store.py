@@ -37,8 +37,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
+
+import orjson
 
 from citycard.core.audit import AuditChain, AuditEntry, AuditFormatError, encode_key
 from citycard.core.ledger import BatchResult, Ledger, accounts_array, changes_array, transfers_array
@@ -88,7 +90,60 @@ _ACCOUNT_NUMBER_MAX = (1 << 120) - 1
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
+    """A record as stored: compact JSON, sorted keys, UTF-8 (the bytes of ``_encode_stdlib``).
+
+    orjson writes those same bytes about four times faster for records of text, integers, booleans,
+    null, lists and text-keyed objects (every code point is escaped or not as the stdlib does, enum
+    members are written as their values), which a batch of thousands of persons and cards notices.
+    Anything else (a float, which the two format differently; a date or a dataclass, which the
+    stdlib refuses) and anything orjson refuses (an integer beyond 64 bits, a key that is not text,
+    a lone surrogate) goes to the stdlib, whose bytes or error are the answer."""
+    try:
+        plain = type(record) is dict and _plain(record.values())
+    except RecursionError:  # nested too deep, or circular: the stdlib's error says which
+        plain = False
+    if plain:
+        try:
+            return orjson.dumps(record, option=_ORJSON_OPTIONS)
+        except orjson.JSONEncodeError:
+            pass
+    return _encode_stdlib(record)
+
+
+def _encode_stdlib(record: Mapping[str, Any]) -> bytes:
     return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+# Dates, times and dataclasses are left to the stdlib (which refuses them), not written by orjson.
+_ORJSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_LEAF_TYPES_MAX = 1000  # text and integer types remembered (str, int, bool and the enums met)
+_leaf_types: set[type] = {str, int, bool, type(None)}
+_CONTAINER_TYPES = frozenset({dict, list, tuple})
+
+
+def _plain(values: Collection[Any]) -> bool:
+    """Whether orjson writes these values as the stdlib does: text, integers (enum members among
+    them), booleans, null, and lists, tuples and objects of these. The types are looked at once per
+    kind of value (a flat record of a dozen texts costs a set of its value types); subclasses of
+    dict, list and tuple, floats and anything else are left to the stdlib."""
+    kinds = set(map(type, values))
+    if kinds <= _leaf_types:
+        return True
+    for kind in kinds - _leaf_types:
+        if kind in _CONTAINER_TYPES:
+            continue
+        if not issubclass(kind, (str, int)):
+            return False  # float, and whatever else only one of the two writes
+        if len(_leaf_types) < _LEAF_TYPES_MAX:  # str and int subclasses: both write the text or the number
+            _leaf_types.add(kind)
+    for value in values:
+        kind = type(value)
+        if kind is dict:
+            if value and not _plain(value.values()):
+                return False
+        elif (kind is list or kind is tuple) and value and not _plain(value):
+            return False
+    return True
 
 
 def decode(value: bytes, table: str, key: bytes) -> dict[str, Any]:

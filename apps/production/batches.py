@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from citycard.core.identity import mask_id
@@ -174,7 +174,9 @@ def _create_one(registry: Registry, store: ProductionStore, stage: Stage, employ
             card = eligible.reused_card
             counts["cards_reused"] += 1
         else:
-            card = registry.stage_card(stage, person, actor=actor, channel=Channel.BATCH, at=at, audit=False)
+            # _reusable_or_blocking has just read the holder's cards: none is usable (prechecked).
+            card = registry.stage_card(stage, person, actor=actor, channel=Channel.BATCH, at=at, audit=False,
+                                       prechecked=True)
             counts["cards_ordered"] += 1
         row = BatchRow(batch_id=batch_id, row=number, id_number=entry.id_number, name=entry.name,
                        gender=entry.gender, date_of_birth=entry.date_of_birth, nationality=entry.nationality,
@@ -182,8 +184,11 @@ def _create_one(registry: Registry, store: ProductionStore, stage: Stage, employ
                        card_id_code=card.card_id_code, issue_date=card.issue_date.isoformat(),
                        expiry_date=card.expiry_date.isoformat(), photo_sha256=photo.sha256, state=RowState.ORDERED)
         store.put_row(stage, row)
-        store.put_entry(stage, replace(entry, state=EntryState.BATCHED, batch_id=batch_id, batch_row=number,
-                                       reason=None), entry)
+        # dataclasses.replace, without its per-call look at the fields (every field of an entry is an
+        # __init__ argument): a tenth of the time, a hundred thousand times.
+        batched = RosterEntry(**{**entry.__dict__, "state": EntryState.BATCHED, "batch_id": batch_id,
+                                 "batch_row": number, "reason": None})
+        store.put_entry(stage, batched, entry)
         digest.update(f"{number}:{entry.id_number}:{card.card_number}:{photo.sha256}\n".encode("ascii"))
         rows.append(row)
     batch = Batch(batch_id=batch_id, employer=employer, employer_name=employer_name, rows=len(rows),
@@ -205,7 +210,8 @@ def _stage_person(registry: Registry, stage: Stage, entry: RosterEntry, actor: s
             stage, id_number=entry.id_number, name=entry.name, gender=entry.gender,
             date_of_birth=entry.date_of_birth, residence=entry.residence,
             household_registration=entry.household_registration, status="employed", nationality=entry.nationality,
-            employer=entry.employer, actor=actor, channel=Channel.BATCH, at=at, audit=False)
+            employer=entry.employer, actor=actor, channel=Channel.BATCH, at=at, audit=False,
+            prechecked=True)  # the roster import checked the ID number, birth date, gender and name
     person = registry.person(entry.id_number)
     updated = registry.stage_person_update(
         stage, person, name=entry.name, residence=entry.residence,
