@@ -1,7 +1,7 @@
 """How long does a city's roster take from import to print file, and does memory stay flat as it grows?
 
     python -m benches.production [--json] [--sizes 25000,50000,100000] [--roster dbf|csv] [--jobs 2]
-                                 [--photos N] [--core-encoder json|orjson]
+                                 [--photos N]
 
 For each roster size, in its own process (so that each size's peak RSS is its own), on a fresh data
 directory on the same disk:
@@ -26,9 +26,6 @@ directory on the same disk:
 Photo conversion is not on this path: photos arrive from employers over days, and intake (which
 converts them in ``--jobs`` processes) is measured apart with ``--photos N`` employer photos of 480 x 591
 pixels; the 100,000-photo figure is extrapolated from the measured rate.
-
-``--core-encoder orjson`` measures a proposed core change (the registry's JSON rows written by orjson,
-the same bytes) by patching it into the benchmark's processes; the default measures core as it is.
 
 This is a benchmark, not a test: nothing passes or fails on these numbers. The machine is shared:
 figures vary between runs, so compare runs made one after the other, with their load average.
@@ -264,29 +261,12 @@ def run_photos(count: int, jobs: int, workdir: Path) -> dict[str, Any]:
     return figures
 
 
-def _use_core_encoder(name: str) -> None:
-    """``orjson``: the registry's row encoder replaced, in this process only, by orjson writing the same
-    bytes: a change to core/registry_store.py proposed by the production work, measured here before it
-    is made. ``json``: the registry as it is."""
-    if name == "json":
-        return
-    import orjson
-    from citycard.core import registry_store
-
-    def encode(record: Any) -> bytes:
-        return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-
-    registry_store.encode = encode
-
-
 def _child(args: argparse.Namespace) -> None:
-    _use_core_encoder(args.core_encoder)
     with tempfile.TemporaryDirectory(prefix="bench-production-", dir=args.dir) as scratch:
         if args.child == "photos":
             figures = run_photos(args.photos, args.jobs, Path(scratch))
         else:
             figures = run_size(int(args.child), args.roster, args.jobs, Path(scratch))
-    figures["core_encoder"] = args.core_encoder
     print(json.dumps(figures))
 
 
@@ -295,7 +275,7 @@ def _child(args: argparse.Namespace) -> None:
 
 def _run_child(what: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, "-m", "benches.production", "--child", what, "--roster", args.roster,
-               "--jobs", str(args.jobs), "--photos", str(args.photos), "--core-encoder", args.core_encoder] + (
+               "--jobs", str(args.jobs), "--photos", str(args.photos)] + (
                    ["--dir", args.dir] if args.dir else [])
     done = subprocess.run(command, check=False, capture_output=True, text=True,
                           env={**os.environ, "CITYCARD_NOW": os.environ.get("CITYCARD_NOW",
@@ -313,8 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=PHOTOS_DEFAULT, help="photos for the intake figure (0: skip)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes: roster reading and checks, print tables, photo conversion")
     parser.add_argument("--dir", default=None, help="where the scratch data directories go (default: the temp dir)")
-    parser.add_argument("--core-encoder", default="json", choices=["json", "orjson"],
-                        help="orjson: measure the proposed core change (the registry's rows encoded by orjson)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
