@@ -345,14 +345,35 @@ def test_the_denylist_stream_follows_loss_reports(server, world):
 
 
 def test_a_passed_deadline_writes_nothing(server, world):
-    # A deadline already past when the call starts: a tiny positive timeout is not deterministic (grpc rounds
-    # deadlines to milliseconds, and the server answers a lone transfer within one). The writer's dropping of
-    # requests whose deadline passes while they wait in its queue is tested in-process in test_writer.py.
+    # A deadline already past when the call starts is refused before anything is sent. (timeout=0 is not "past":
+    # grpc sends it as a timeout of about a millisecond, within which the server can answer a lone transfer.)
+    # The writer's dropping of requests whose deadline passes while they wait in its queue is tested in-process
+    # in test_writer.py.
     with pytest.raises(grpc.RpcError) as refused:
         server.ledger().CreateTransfers(ledger_pb2.CreateTransfersRequest(transfers=[fare(world, "d1")]),
-                                        metadata=world["bike_auth"], timeout=0)
+                                        metadata=world["bike_auth"], timeout=-1)
     assert refused.value.code() == C.DEADLINE_EXCEEDED
     assert_not_booked(server, "d1")
+
+
+def test_a_transfer_retried_after_a_deadline_is_booked_once(server, world):
+    # What a gate does after DEADLINE_EXCEEDED: it cannot know whether the server wrote the transfer, so it sends
+    # the same id again. Whichever way the racing first call went, the fare is booked exactly once.
+    ledger = server.ledger()
+    try:
+        first = ledger.CreateTransfers(ledger_pb2.CreateTransfersRequest(transfers=[fare(world, "d2")]),
+                                       metadata=world["bike_auth"], timeout=0)
+        assert list(first.errors) == []
+    except grpc.RpcError as late:
+        assert late.code() == C.DEADLINE_EXCEEDED
+    again = ledger.CreateTransfers(ledger_pb2.CreateTransfersRequest(transfers=[fare(world, "d2")]),
+                                   metadata=world["bike_auth"], timeout=CALL_TIMEOUT_S)
+    assert [e.result for e in again.errors] in ([], [ledger_pb2.TRANSFER_RESULT_EXISTS])
+    booked = ledger.LookupTransfers(ledger_pb2.LookupTransfersRequest(ids=["d2"]), metadata=world["bike_auth"])
+    assert [(t.id, t.amount_fen) for t in booked.transfers] == [("d2", 150)]
+
+
+def test_a_balance_as_of_before_the_epoch_is_refused(server, world):
     stamp = timestamp_pb2.Timestamp(seconds=-5)
     with pytest.raises(grpc.RpcError) as refused:
         server.ledger().GetAccountBalance(ledger_pb2.GetAccountBalanceRequest(account_id=world["settlement"],
