@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .apdu import Command, respond
 from .crypto import DesCipher, macs_equal, tac_key
-from .fs import DedicatedFile, ElementaryFile
+from .fs import DedicatedFile, EfKind, ElementaryFile
 from .keys import CardKey, KeyUsage
 from .sw import SW, Refusal
 
 if TYPE_CHECKING:
     from .cos import VirtualCard
-    from .state import Part
 
 __all__ = [
     "AMOUNT_FEN_MAX",
@@ -401,7 +400,7 @@ def credit_for_load(card: VirtualCard, command: Command, pending: object) -> byt
     state.online_counters[s.purse] = s.counter + 1
     detail.append_record(record)
     state.keep_proof(Proof(s.tx_type, s.counter + 1, bytes(mac2), tac))
-    card.commit(state, detail)
+    card.commit_changes(*_transaction_changes(card, s.purse, "online_counters", detail))
     return reply
 
 
@@ -439,16 +438,38 @@ def debit_for_purchase(card: VirtualCard, command: Command, pending: object) -> 
         capp_file.record(number)
         capp_file.check_record(capp_record)
 
-    changed: list[Part] = [state, detail]
     state.balances[s.purse] = s.balance_fen - s.amount_fen
     state.offline_counters[s.purse] = s.counter + 1
     detail.append_record(record)
+    state.keep_proof(Proof(s.tx_type, s.counter + 1, mac2, tac))
+    changes, pushes = _transaction_changes(card, s.purse, "offline_counters", detail)
     if s.capp_write is not None:
         capp_file.update_record(number, capp_record)
-        changed.append(capp_file)
-    state.keep_proof(Proof(s.tx_type, s.counter + 1, mac2, tac))
-    card.commit(*changed)
+        pointer, value = card.image.record_changed(capp_file, number)
+        changes[pointer] = value
+    card.commit_changes(changes, pushes)
     return reply
+
+
+def _transaction_changes(card: VirtualCard, purse: int, counters: str,
+                         detail: ElementaryFile) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a load or purchase changed, for card.commit_changes: the purse's balance and counter (in
+    PurseData.to_json's layout), its newest proof and its newest detail record (pushed in front, the
+    way keep_proof and a cyclic append put them): ~0.2 KB instead of the purse and the file whole."""
+    image, state = card.image, card.purse
+    at = image.pointer(state)
+    proof = state.proofs[0]
+    changes: dict[str, Any] = {f"{at}/balances/{purse}": state.balances[purse],
+                               f"{at}/{counters}/{purse}": getattr(state, counters)[purse]}
+    pushes: dict[str, Any] = {f"{at}/proofs": [[proof.tx_type, proof.counter, proof.mac.hex(), proof.tac.hex()],
+                                               PROOFS_KEPT]}
+    if detail.kind is EfKind.CYCLIC:
+        pointer, push = image.appended(detail)
+        pushes[pointer] = push
+    else:  # a linear detail file (a card personalised so): its records whole
+        pointer, value = image.change(detail)
+        changes[pointer] = value
+    return changes, pushes
 
 
 # -- UPDATE CAPP DATA CACHE (CLA 80, INS DC) ----------------------------------------------------------

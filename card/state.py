@@ -25,7 +25,7 @@ try:
 except ImportError:  # pragma: no cover - orjson is a dependency; the stdlib encoder writes the same bytes
     orjson = None  # type: ignore[assignment]
 
-from .fs import MF_FID, DedicatedFile, ElementaryFile
+from .fs import MF_FID, DedicatedFile, EfKind, ElementaryFile
 from .keys import CardKey
 from .purse import PurseData
 
@@ -42,7 +42,10 @@ __all__ = [
     "PinState",
     "StateStore",
     "apply_changes",
+    "apply_pushes",
+    "change_record",
     "is_valid_pin",
+    "journal_state",
     "pin_from_digits",
 ]
 
@@ -52,14 +55,16 @@ PIN_BYTES_MAX = 6
 PIN_TRIES_MAX = 15  # what a 63 Cx nibble can report
 STATE_BYTES_MAX = 4 * 1024 * 1024
 TEMP_SUFFIX = ".tmp"
-# Past this, the journal is rewritten as one whole image. A purchase adds about 0.95 KB, so this is
-# one rewrite per ~1,100 purchases (rare enough to stay out of the p99) and ~20 ms of replay when
+# Past this, the journal is rewritten as one whole image. A purchase adds about 0.22 KB, so this is
+# one rewrite per ~1,150 purchases (rare enough to stay out of the p99) and ~35 ms of replay when
 # a card with a full journal is opened.
-JOURNAL_COMPACT_BYTES = 1024 * 1024
+JOURNAL_COMPACT_BYTES = 256 * 1024
 JOURNAL_BYTES_MAX = JOURNAL_COMPACT_BYTES + STATE_BYTES_MAX  # a journal due for compaction, plus one record
 CRC_FIELD_BYTES = 9  # 8 hex digits and a space
 PREALLOCATE_CHUNK_BYTES = 64 * 1024  # zeros written per call when a syncing journal is preallocated
-REPLACE = "replace"  # the one key of a change record
+REPLACE = "replace"  # a change record: {"replace": {pointer: value}, "push": {pointer: [value, keep]}}
+PUSH = "push"  # (either key may be missing; see apply_changes and apply_pushes)
+PUSH_KEEP_MAX = 254  # a push keeps at most this many entries (RECORDS_MAX; proofs keep PROOFS_KEPT)
 # The stdlib's most compact form: key order is fixed by to_json itself (no sort_keys), the tree has no
 # cycles (no check_circular), and ensure_ascii keeps every record on one line.
 _STDLIB_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False, ensure_ascii=True)
@@ -152,7 +157,7 @@ class CardImage:
         the PIN and the purse data whole. The file tree never changes shape after personalisation
         (the COS has no CREATE or DELETE FILE), so a pointer stays valid for the life of the card.
         """
-        pointer = self._pointer(part)
+        pointer = self.pointer(part)
         if isinstance(part, ElementaryFile):
             name, content = part.content_to_json()
             return f"{pointer}/{name}", content
@@ -160,7 +165,20 @@ class CardImage:
             return f"{pointer}/tries_left", part.tries_left
         return pointer, part.to_json()
 
-    def _pointer(self, part: Part) -> str:
+    def appended(self, ef: ElementaryFile) -> tuple[str, list[Any]]:
+        """How APPEND to a cyclic file is recorded, as a push (apply_pushes): the newest record (record 1)
+        goes in front, and the file keeps its records_max. A purchase so writes one 23-byte record, not
+        all ten."""
+        if ef.kind is not EfKind.CYCLIC or not ef.records:
+            raise ValueError("only an append to a cyclic file is recorded as a push")
+        return f"{self.pointer(ef)}/records", [ef.records[0].hex(), ef.records_max]
+
+    def record_changed(self, ef: ElementaryFile, number: int) -> tuple[str, str]:
+        """How UPDATE RECORD of record `number` is recorded: that record alone (a replace of one list item)."""
+        return f"{self.pointer(ef)}/records/{number - 1}", ef.record(number).hex()
+
+    def pointer(self, part: Part) -> str:
+        """The JSON pointer of `part` in this image's document (stable: the tree never changes shape)."""
         entry = self._pointers.get(id(part))
         if entry is None or entry[0] is not part:
             self._pointers = {id(p): (p, pointer) for pointer, p in self._parts()}
@@ -240,6 +258,28 @@ def _child(node: Any, token: str, pointer: str) -> Any:
     raise ValueError(f"change at {pointer!r} names no part of the card")
 
 
+def apply_pushes(doc: dict[str, Any], pushes: dict[str, Any]) -> None:
+    """Put, in an image's JSON document, a new entry in front of the list at each pointer, then cut the
+    list to `keep` entries: `{pointer: [value, keep]}`. This is how an append to a cyclic file (and
+    PurseData.keep_proof) is recorded. Like apply_changes, the pointer must name a list that exists and
+    the values are checked later, with the whole document. Raises ValueError for anything else."""
+    for pointer, push in pushes.items():
+        if not isinstance(pointer, str) or not pointer.startswith("/"):
+            raise ValueError("a change must be addressed by a JSON pointer")
+        if not isinstance(push, list) or len(push) != 2:
+            raise ValueError(f"push at {pointer!r} is not [value, keep]")
+        value, keep = push
+        if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= PUSH_KEEP_MAX:
+            raise ValueError(f"push at {pointer!r} keeps 1..{PUSH_KEEP_MAX} entries")
+        node: Any = doc
+        for token in pointer[1:].split("/"):
+            node = _child(node, token, pointer)
+        if not isinstance(node, list):
+            raise ValueError(f"push at {pointer!r} names no list")
+        node.insert(0, value)
+        del node[keep:]
+
+
 def _json_object(raw: bytes, source: str) -> Any:
     try:
         return json.loads(raw)
@@ -257,8 +297,10 @@ def _record(payload: bytes) -> bytes:
     return b"%08x " % zlib.crc32(payload) + payload + b"\n"
 
 
-def _change_record(changes: dict[str, Any]) -> bytes:
-    return _record(json_bytes({REPLACE: changes}))
+def change_record(changes: dict[str, Any], pushes: dict[str, Any] | None = None) -> bytes:
+    """The journal line of one command's changes: replaces (apply_changes), then pushes (apply_pushes).
+    A command never names one part in both (a push into a value the same record replaces)."""
+    return _record(json_bytes({REPLACE: changes, PUSH: pushes} if pushes else {REPLACE: changes}))
 
 
 def _replay(raw: bytes, source: str) -> tuple[dict[str, Any], int]:
@@ -282,11 +324,12 @@ def _replay(raw: bytes, source: str) -> tuple[dict[str, Any], int]:
         record = _json_object(line[CRC_FIELD_BYTES:], f"{source}: record at byte {position}")
         if not isinstance(record, dict):
             raise CardStateError(f"{source}: record at byte {position} is neither an image nor changes")
-        if REPLACE in record:
+        if REPLACE in record or PUSH in record:
             if doc is None:
                 raise CardStateError(f"{source}: changes at byte {position} before any whole card state")
             try:
-                apply_changes(doc, record[REPLACE])
+                apply_changes(doc, record.get(REPLACE, {}))
+                apply_pushes(doc, record.get(PUSH, {}))
             except (ValueError, AttributeError) as exc:
                 raise CardStateError(f"{source}: record at byte {position}: {exc}") from None
         else:
@@ -295,6 +338,14 @@ def _replay(raw: bytes, source: str) -> tuple[dict[str, Any], int]:
     if doc is None:
         raise CardStateError(f"{source}: no whole card state record")
     return doc, position
+
+
+def journal_state(image: bytes, records: bytes, source: str) -> dict[str, Any]:
+    """The JSON document of a whole image (to_bytes) followed by change records (change_record)."""
+    doc, whole_bytes = _replay(_record(image) + records, source)
+    if whole_bytes != len(image) + CRC_FIELD_BYTES + 1 + len(records):
+        raise CardStateError(f"{source}: a change record is not whole")
+    return doc
 
 
 def _record_ok(line: bytes) -> bool:
@@ -308,19 +359,21 @@ def _record_ok(line: bytes) -> bool:
 
 
 class StateStore(Protocol):
-    def save(self, changes: dict[str, Any], image: CardImage) -> None:
-        """Persist `changes` (JSON pointer -> new value there, see CardImage.change) in one atomic step,
-        or raise and leave the previous state in place. `image` already holds the changes; a store
-        writes it whole when it starts or compacts its journal."""
+    def save(self, record: bytes, image: CardImage) -> None:
+        """Persist one command's change record (a journal line made by change_record) in one atomic
+        step, or raise and leave the previous state in place. `image` already holds the changes; a
+        store writes it whole when it starts or compacts its journal."""
 
 
 class FileStore:
     """A card state file: a journal of checksummed JSON lines, one write() per state-changing command.
 
     The file starts with a whole image (`create`). Each `save` appends one line `crc32 SP json LF`
-    holding `{"replace": {pointer: value, ...}}`: the new value of every part the command changed
-    (a purchase: the purse and the detail records, ~0.95 KB). Reading applies the changes in order
-    to the whole image; the result is checked like any image (CardImage.from_json).
+    holding `{"replace": {pointer: value, ...}, "push": {pointer: [value, keep], ...}}` (change_record):
+    the new value of every part the command changed, or of the one item of a list it changed, and the
+    entries it put in front of a list (a purchase: balance, counter, proof and detail record, ~0.22 KB).
+    Reading applies the changes in order to the whole image; the result is checked like any image
+    (CardImage.from_json).
 
     Anti-tearing does not need fsync. A card "pulled" mid-command is its process killed or its
     connection dropped; a record written by one write() then either is in the page cache whole or
@@ -347,8 +400,7 @@ class FileStore:
         doc, _ = _replay(self._read(), str(self.path))
         return CardImage.from_json(doc, str(self.path))
 
-    def save(self, changes: dict[str, Any], image: CardImage) -> None:
-        record = _change_record(changes)
+    def save(self, record: bytes, image: CardImage) -> None:
         if self._fd is None:
             self._open_for_append()
         if self._size + len(record) > JOURNAL_COMPACT_BYTES:
@@ -408,7 +460,7 @@ class FileStore:
         syncs every record is kept JOURNAL_COMPACT_BYTES long, zeros after the last record (written
         and synced once, here: real zeros, since blocks reserved with fallocate would be converted on
         the first write, which is again metadata), and records overwrite zeros in place. Replay reads
-        zeros after the last newline as unused space (see _replay). Costs 1 MiB of disk per card."""
+        zeros after the last newline as unused space (see _replay). Costs 256 KiB of disk per card."""
         assert self._fd is not None
         if self.fsync and file_bytes < JOURNAL_COMPACT_BYTES:
             zeros = bytes(PREALLOCATE_CHUNK_BYTES)
@@ -477,8 +529,7 @@ class MemoryStore:
         self.journal = bytearray()
         self.saves = 0
 
-    def save(self, changes: dict[str, Any], image: CardImage) -> None:
-        record = _change_record(changes)
+    def save(self, record: bytes, image: CardImage) -> None:
         if not self.journal or len(self.journal) + len(record) > JOURNAL_COMPACT_BYTES:
             self.journal = bytearray(_record(image.to_bytes()))
         else:

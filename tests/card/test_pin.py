@@ -3,6 +3,8 @@ anti-tearing rule that a try is spent on disk before the comparison."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from citycard.card import MasterKeys, Terminal, VirtualCard
 from citycard.card.purse import PURSE_AID
@@ -68,10 +70,12 @@ def test_the_try_is_persisted_before_the_comparison(card: VirtualCard) -> None:
     seen: list[int] = []
     original_save = card.store.save
 
-    def spy(changes: dict, image: CardImage) -> None:
-        assert list(changes) == ["/pin"], "a VERIFY writes the PIN and nothing else"
-        seen.append(changes["/pin"]["tries_left"])
-        original_save(changes, image)
+    def spy(record: bytes, image: CardImage) -> None:
+        changes = json.loads(record[9:])
+        assert list(changes) == ["replace"] and list(changes["replace"]) == ["/pin"], \
+            "a VERIFY writes the PIN and nothing else"
+        seen.append(changes["replace"]["/pin"]["tries_left"])
+        original_save(record, image)
 
     card.store.save = spy  # type: ignore[method-assign]
     verify(card, WRONG)

@@ -25,12 +25,13 @@ from citycard.card import (
     personalize,
     profile_from_json,
 )
+from citycard.card import cos as cos_module
 from citycard.card import purse as purse_module
 from citycard.card import state as state_module
 from citycard.card.personalize import SAMPLE_PROFILE
 from citycard.card.purse import DETAIL_SFI, PURSE_AID
 from citycard.card.ssse import SSSE_AID
-from citycard.card.state import CardImage, apply_changes
+from citycard.card.state import CardImage, apply_changes, apply_pushes
 from citycard.card.sw import MemoryFailure
 
 from .helpers import PIN, TEST_KEYS_PATH, make_terminal, send
@@ -79,7 +80,9 @@ def test_both_encoders_write_the_same_journal(tmp_path: Path, master_keys: Maste
         terminal.purchase(100)
     purse_df = next(df for df in card.image.mf.walk() if df.application == "purse")
     changes = dict(card.image.change(part) for part in (card.purse, purse_df.ef_by_sfi(DETAIL_SFI)))
-    for document in (card.image.to_json(), {state_module.REPLACE: changes}):
+    purchase_record = json.loads(bytes(card.store.journal).rsplit(b"\n", 2)[1][9:])
+    assert sorted(purchase_record) == [state_module.PUSH, state_module.REPLACE]
+    for document in (card.image.to_json(), {state_module.REPLACE: changes}, purchase_record):
         fast, plain = state_module.json_bytes_orjson(document), state_module.json_bytes_stdlib(document)
         assert fast == plain
         assert json.loads(fast) == document and b"\n" not in fast
@@ -168,13 +171,13 @@ def test_the_journal_is_compacted(state_path: Path, master_keys: MasterKeys,
     terminal = make_terminal(VirtualCard.open(state_path), master_keys)
     terminal.verify_pin(PIN)
     terminal.load(50_000)
-    for _ in range(60):  # ~1.1 KB each: several compactions
+    for _ in range(120):  # ~0.22 KB each: several compactions
         terminal.purchase(1)
         assert state_path.stat().st_size <= limit
     first = json.loads(state_path.read_bytes().split(b"\n", 1)[0][9:])
     assert first["format"] == state_module.STATE_FORMAT, "a compacted journal starts with a whole image"
     assert first["purse"]["offline_counters"]["2"] > 0, "and it is not the personalisation record"
-    assert VirtualCard.open(state_path).image.purse.balances[EP] == 50_000 - 60
+    assert VirtualCard.open(state_path).image.purse.balances[EP] == 50_000 - 120
 
 
 def test_stale_temporary_files_are_removed_by_the_writer(state_path: Path, master_keys: MasterKeys) -> None:
@@ -248,11 +251,17 @@ def test_a_purchase_is_one_write_of_what_changed(encoder: str, state_path: Path,
     assert len(calls.writes) == 1 and calls.syncs == 0  # default: atomic, not synced
     record = calls.writes[0]
     assert record.endswith(b"\n") and int(record[:8], 16) == zlib.crc32(record[9:-1])
-    changes = json.loads(record[9:])["replace"]
+    changes = json.loads(record[9:])
     purse_df = next(i for i, df in enumerate(card.image.mf.dfs) if df.application == "purse")
     detail_index = next(i for i, ef in enumerate(card.image.mf.dfs[purse_df].efs) if ef.sfi == DETAIL_SFI)
-    assert sorted(changes) == [f"/mf/dfs/{purse_df}/efs/{detail_index}/records", "/purse"]
-    assert len(record) < 1500, "a purchase writes the purse and the detail records, not the whole card"
+    assert changes["replace"] == {"/purse/balances/2": 4_900, "/purse/offline_counters/2": 1}
+    sale = card.image.purse.proofs[0]
+    assert changes["push"] == {
+        "/purse/proofs": [[sale.tx_type, 1, sale.mac.hex(), sale.tac.hex()], purse_module.PROOFS_KEPT],
+        f"/mf/dfs/{purse_df}/efs/{detail_index}/records": [
+            card.image.mf.dfs[purse_df].efs[detail_index].records[0].hex(), purse_module.DETAIL_RECORDS],
+    }
+    assert len(record) < 300, "a purchase writes its balance, counter, proof and record, not the whole purse"
     assert FileStore(state_path).load().to_bytes() == card.image.to_bytes()
 
 
@@ -324,16 +333,11 @@ def test_every_state_changing_command_reopens_as_in_memory(state_path: Path, mas
     assert card.image.purse.balances[EP] == 4_600
 
 
-def test_an_internal_fault_rolls_back_to_what_is_on_disk(state_path: Path, master_keys: MasterKeys,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    card = VirtualCard.open(state_path)
-    terminal = make_terminal(card, master_keys)
-    terminal.verify_pin(PIN)
-    terminal.load(5_000)
-    terminal.purchase(100)  # the rollback point is now the start image plus these changes
+def _fault_in_a_debit(card: VirtualCard, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DEBIT whose handler leaves half a transaction in memory, then fails with a bug: 6F 00."""
 
     def faulty_debit(card: VirtualCard, command: object, pending: object) -> bytes:
-        card.purse.balances[EP] = 1  # half a transaction in memory, then a bug
+        card.purse.balances[EP] = 1
         card.purse.proofs.clear()
         raise RuntimeError("bug")
 
@@ -341,6 +345,16 @@ def test_an_internal_fault_rolls_back_to_what_is_on_disk(state_path: Path, maste
     send(card, SELECT_PURSE)
     send(card, "805001020B0100000064001122334455 0F")
     assert send(card, "805401000F" + "00" * 15 + "08") == "6F00"
+
+
+def test_an_internal_fault_rolls_back_to_what_is_on_disk(state_path: Path, master_keys: MasterKeys,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    card = VirtualCard.open(state_path)
+    terminal = make_terminal(card, master_keys)
+    terminal.verify_pin(PIN)
+    terminal.load(5_000)
+    terminal.purchase(100)  # the rollback point is now the start image plus these changes
+    _fault_in_a_debit(card, monkeypatch)
     assert card.image.to_bytes() == FileStore(state_path).load().to_bytes()
     assert card.image.purse.balances[EP] == 4_900 and len(card.image.purse.proofs) == 2
     monkeypatch.undo()
@@ -519,3 +533,47 @@ def test_a_torn_record_in_preallocated_space_is_the_state_before(state_path: Pat
     default_writer.purchase(1)
     assert not state_path.read_bytes().endswith(b"\0"), "it trims the preallocated zeros"
     assert VirtualCard.open(state_path).image.purse.balances[EP] == 4_699
+
+
+def test_apply_pushes_puts_in_front_and_keeps() -> None:
+    doc = {"a": {"b": [1, 2, 3]}, "c": 3}
+    apply_pushes(doc, {"/a/b": [0, 3]})
+    assert doc == {"a": {"b": [0, 1, 2]}, "c": 3}
+    apply_pushes(doc, {"/a/b": [["x"], 5]})
+    assert doc == {"a": {"b": [["x"], 0, 1, 2]}, "c": 3}
+    for pointer, push in (("/c", [0, 3]), ("/a/x", [0, 3]), ("/a/b/1", [0, 3]), ("a/b", [0, 3]),
+                          ("/a/b", [0, 0]), ("/a/b", [0, 255]), ("/a/b", [0, True]), ("/a/b", [0]),
+                          ("/a/b", {"value": 0, "keep": 3})):
+        with pytest.raises(ValueError):
+            apply_pushes(doc, {pointer: push})
+    assert doc == {"a": {"b": [["x"], 0, 1, 2]}, "c": 3}
+
+
+def test_a_push_that_names_no_list_is_refused(state_path: Path) -> None:
+    _journal_with(state_path, {"push": {"/purse/balances": [1, 8]}})
+    with pytest.raises(CardStateError, match="record at byte .*names no list"):
+        FileStore(state_path).load()
+
+
+def test_replayed_pushes_are_checked_like_a_whole_image(state_path: Path) -> None:
+    detail = next(i for i, ef in enumerate(_purse_df(json.loads(state_path.read_bytes()[9:]))["efs"])
+                  if ef["sfi"] == DETAIL_SFI)
+    _journal_with(state_path, {"push": {f"/mf/dfs/1/efs/{detail}/records": ["00" * 24, 10]}})
+    with pytest.raises(CardStateError, match="mf: EF .* a stored record does not fit"):
+        FileStore(state_path).load()
+
+
+def test_the_rollback_point_moves_and_still_rolls_back_to_disk(state_path: Path, master_keys: MasterKeys,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The card keeps the change records since its rollback point; past a bound the point becomes the
+    image itself. A fault after that still rolls back to exactly what the journal holds."""
+    monkeypatch.setattr(cos_module, "ROLLBACK_RECORDS_BYTES_MAX", 1024)
+    card = VirtualCard.open(state_path)
+    terminal = make_terminal(card, master_keys)
+    terminal.verify_pin(PIN)
+    terminal.load(5_000)
+    for _ in range(13):  # ~0.2 KB each: the point moves twice
+        terminal.purchase(10)
+    _fault_in_a_debit(card, monkeypatch)
+    assert card.image.to_bytes() == FileStore(state_path).load().to_bytes()
+    assert card.image.purse.balances[EP] == 5_000 - 130 and card.image.purse.offline_counters[EP] == 13
