@@ -48,6 +48,7 @@ __all__ = [
 
 TERMINAL_ID_BYTES = 6
 DATE_TIME_BYTES = 7
+DEBIT_DATA_BYTES = 15  # terminal transaction number (4) || date time (7) || MAC1 (4)
 
 
 class ResponseFormatError(ValueError):
@@ -164,8 +165,10 @@ def credit_for_load(date_time: bytes, mac2: bytes) -> Apdu:
 
 
 def initialize_for_purchase(purse: int, key_index: int, amount_fen: int, terminal_id: bytes) -> Apdu:
-    data = bytes((key_index,)) + _amount(amount_fen) + _terminal_id(terminal_id)
-    return Apdu("INITIALIZE FOR PURCHASE", encode_command(0x80, 0x50, 0x01, purse, data, 0x0F))
+    # Spelled out (a purchase sends one): `80 50 01 P2 0B` key index || amount || terminal id, Le 0F,
+    # the bytes encode_command makes (bytes() refuses a P2 or key index beyond a byte, as it does).
+    return Apdu("INITIALIZE FOR PURCHASE", b"\x80\x50\x01" + bytes((purse, 0x0B, key_index)) + _amount(amount_fen)
+                + _terminal_id(terminal_id) + b"\x0f")
 
 
 def initialize_for_capp_purchase(key_index: int, amount_fen: int, terminal_id: bytes) -> Apdu:
@@ -182,7 +185,9 @@ def update_capp_data_cache(sfi: int, record: bytes) -> Apdu:
 
 def debit_for_purchase(terminal_seq: int, date_time: bytes, mac1: bytes) -> Apdu:
     data = terminal_seq.to_bytes(4, "big") + date_time + mac1
-    return Apdu("DEBIT FOR PURCHASE", encode_command(0x80, 0x54, 0x01, 0x00, data, 8))
+    if len(data) != DEBIT_DATA_BYTES:  # the one shape a purchase sends is spelled out below
+        return Apdu("DEBIT FOR PURCHASE", encode_command(0x80, 0x54, 0x01, 0x00, data, 8))
+    return Apdu("DEBIT FOR PURCHASE", b"\x80\x54\x01\x00\x0f" + data + b"\x08")
 
 
 def get_transaction_prove(tx_type: int, counter: int) -> Apdu:

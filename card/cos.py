@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ class VirtualCard:
         image: CardImage,
         store: StateStore,
         *,
-        random: Callable[[int], bytes] = secrets.token_bytes,
+        random: Callable[[int], bytes] = os.urandom,  # what secrets.token_bytes returns, one call nearer
     ) -> None:
         """`store` holds `image` already (VirtualCard.open) or nothing yet (a new MemoryStore)."""
         self.image = image

@@ -135,6 +135,10 @@ class ElementaryFile:
 
     def append_record(self, rec: bytes) -> None:
         self.check_append(rec)
+        self.append_checked_record(rec)
+
+    def append_checked_record(self, rec: bytes) -> None:
+        """append_record for a caller that ran check_append(rec) already (before its first mutation)."""
         if self.kind is EfKind.CYCLIC:
             self.records.insert(0, bytes(rec))
             del self.records[self.records_max :]

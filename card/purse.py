@@ -398,7 +398,7 @@ def credit_for_load(card: VirtualCard, command: Command, pending: object) -> byt
 
     state.balances[s.purse] = new_balance
     state.online_counters[s.purse] = s.counter + 1
-    detail.append_record(record)
+    detail.append_checked_record(record)
     state.keep_proof(Proof(s.tx_type, s.counter + 1, bytes(mac2), tac))
     card.commit_changes(*_transaction_changes(card, s.purse, "online_counters", detail))
     return reply
@@ -440,7 +440,7 @@ def debit_for_purchase(card: VirtualCard, command: Command, pending: object) -> 
 
     state.balances[s.purse] = s.balance_fen - s.amount_fen
     state.offline_counters[s.purse] = s.counter + 1
-    detail.append_record(record)
+    detail.append_checked_record(record)
     state.keep_proof(Proof(s.tx_type, s.counter + 1, mac2, tac))
     changes, pushes = _transaction_changes(card, s.purse, "offline_counters", detail)
     if s.capp_write is not None:
@@ -456,18 +456,22 @@ def _transaction_changes(card: VirtualCard, purse: int, counters: str,
     """What a load or purchase changed, for card.commit_changes: the purse's balance and counter (in
     PurseData.to_json's layout), its newest proof and its newest detail record (pushed in front, the
     way keep_proof and a cyclic append put them): ~0.2 KB instead of the purse and the file whole."""
-    image, state = card.image, card.purse
-    at = image.pointer(state)
+    state = card.purse
+    key = (_transaction_changes, purse, counters, detail)
+    pointers = card.memo.get(key)
+    if pointers is None:  # the tree never changes shape, so neither do the pointers (see VirtualCard.memo)
+        at = card.image.pointer(state)
+        pointers = card.memo[key] = (f"{at}/balances/{purse}", f"{at}/{counters}/{purse}", f"{at}/proofs")
+    balance_at, counter_at, proofs_at = pointers
     proof = state.proofs[0]
-    changes: dict[str, Any] = {f"{at}/balances/{purse}": state.balances[purse],
-                               f"{at}/{counters}/{purse}": getattr(state, counters)[purse]}
-    pushes: dict[str, Any] = {f"{at}/proofs": [[proof.tx_type, proof.counter, proof.mac.hex(), proof.tac.hex()],
-                                               PROOFS_KEPT]}
+    changes: dict[str, Any] = {balance_at: state.balances[purse], counter_at: getattr(state, counters)[purse]}
+    pushes: dict[str, Any] = {proofs_at: [[proof.tx_type, proof.counter, proof.mac.hex(), proof.tac.hex()],
+                                          PROOFS_KEPT]}
     if detail.kind is EfKind.CYCLIC:
-        pointer, push = image.appended(detail)
+        pointer, push = card.image.appended(detail)
         pushes[pointer] = push
     else:  # a linear detail file (a card personalised so): its records whole
-        pointer, value = image.change(detail)
+        pointer, value = card.image.change(detail)
         changes[pointer] = value
     return changes, pushes
 

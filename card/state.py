@@ -294,7 +294,7 @@ def _record(payload: bytes) -> bytes:
     """One journal line: crc32 (8 hex) SP payload LF."""
     if b"\n" in payload:
         raise ValueError("a journal record must be a single line")
-    return b"%08x " % zlib.crc32(payload) + payload + b"\n"
+    return b"%08x %b\n" % (zlib.crc32(payload), payload)
 
 
 def change_record(changes: dict[str, Any], pushes: dict[str, Any] | None = None) -> bytes:

@@ -18,7 +18,10 @@ from citycard.card import (
     profile_from_json,
     verify_tac,
 )
+from citycard.card import commands, flows
+from citycard.card.apdu import encode_command
 from citycard.card.channel import CardChannel
+from citycard.card.commands import bcd_date_time
 from citycard.card.personalize import SAMPLE_PROFILE
 from citycard.card.sam import IssuerHost, SoftSam
 from citycard.card.state import MemoryStore
@@ -124,3 +127,28 @@ def test_recovery_after_further_purchases_is_refused(card: VirtualCard, master_k
     terminal.purchase(100)
     with pytest.raises(RecoveryError, match="other purchases"):
         terminal.recover_purchase(torn.value.pending)
+
+
+def test_the_purchase_commands_are_the_bytes_encode_command_makes() -> None:
+    """initialize_for_purchase and debit_for_purchase spell their APDUs out; they must be the generic ones."""
+    for purse, key_index, amount_fen in ((1, 1, 0), (2, 1, 123_456), (2, 0xFF, 0x7FFFFFFF)):
+        data = bytes((key_index,)) + amount_fen.to_bytes(4, "big") + TERMINAL_ID
+        assert commands.initialize_for_purchase(purse, key_index, amount_fen, TERMINAL_ID).raw == \
+            encode_command(0x80, 0x50, 0x01, purse, data, 0x0F)
+    for seq, date_time, mac1 in ((1, bytes.fromhex("20250115120000"), bytes(4)), (2**32 - 1, b"\x99" * 7, b"abcd"),
+                                 (5, b"\x20\x25", b"ab")):  # a short field still gets its true Lc
+        assert commands.debit_for_purchase(seq, date_time, mac1).raw == \
+            encode_command(0x80, 0x54, 0x01, 0x00, seq.to_bytes(4, "big") + date_time + mac1, 8)
+    for bad in ((256, 1, 0), (2, 256, 0), (2, 1, -1), (2, 1, 2**31)):
+        with pytest.raises(ValueError):
+            commands.initialize_for_purchase(*bad, TERMINAL_ID)
+
+
+def test_the_terminal_clock_in_bcd_is_now() -> None:
+    """The default clock's BCD form is made once per second: it is the second bcd_date_time(now) names."""
+    cached = flows._CityNowBcd()
+    for _ in range(3):
+        before = bcd_date_time(flows._city_now())
+        made = cached()
+        after = bcd_date_time(flows._city_now())
+        assert made in (before, after) and len(made) == 7
