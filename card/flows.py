@@ -57,7 +57,7 @@ class _CityNowBcd:
     terminal serving a queue asks for it several times a second (building it is ~2 µs, a third of a
     purchase's terminal work besides the APDUs and the SAM)."""
 
-    __slots__ = ("_second", "_bcd")
+    __slots__ = ("_bcd", "_second")
 
     def __init__(self) -> None:
         self._second = -1

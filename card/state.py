@@ -274,8 +274,8 @@ def apply_pushes(doc: dict[str, Any], pushes: dict[str, Any]) -> None:
         node: Any = doc
         for token in pointer[1:].split("/"):
             node = _child(node, token, pointer)
-        if not isinstance(node, list):
-            raise ValueError(f"push at {pointer!r} names no list")
+        if not isinstance(node, list):  # bad journal data, like every other refusal here: ValueError
+            raise ValueError(f"push at {pointer!r} names no list")  # noqa: TRY004
         node.insert(0, value)
         del node[keep:]
 

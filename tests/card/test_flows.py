@@ -14,11 +14,12 @@ from citycard.card import (
     Terminal,
     TxType,
     VirtualCard,
+    commands,
+    flows,
     personalize,
     profile_from_json,
     verify_tac,
 )
-from citycard.card import commands, flows
 from citycard.card.apdu import encode_command
 from citycard.card.channel import CardChannel
 from citycard.card.commands import bcd_date_time
