@@ -32,6 +32,7 @@ if DEBUG:
 # the name its folder gives it ("core._ledger"); the built extension is then installed where the
 # package_dir mapping puts it ("citycard.core._ledger"). The init symbol only uses the last part.
 INSTALLED_NAME = {"core._ledger": "citycard.core._ledger", "card._des": "citycard.card._des",
+                  "card._purchase": "citycard.card._purchase",
                   "apps.bus._tac": "citycard.apps.bus._tac"}
 
 extensions = [
@@ -45,6 +46,10 @@ extensions = [
     ),
     # The card's DES core over libcrypto's EVP API; card/crypto.py falls back to its pure twin without it.
     Extension("card._des", sources=["card/_des.pyx"], libraries=["crypto"], define_macros=macros,
+              extra_compile_args=compile_args),
+    # A purchase's hot path (card, journal line, SAM, terminal), calling _des through its methods and zlib's
+    # crc32; card/purse.py, sam.py, flows.py and apdu.py fall back to their own Python without it.
+    Extension("card._purchase", sources=["card/_purchase.pyx"], libraries=["z"], define_macros=macros,
               extra_compile_args=compile_args),
     # Transit's batched TAC check of offline records over libcrypto's low-level DES (deprecated in
     # OpenSSL 3, still exported); apps/bus/tac.py falls back to its pure twin without it.

@@ -36,6 +36,9 @@ log = logging.getLogger("citycard.card.cos")
 
 Handler = Callable[["VirtualCard", Command, object], bytes]
 
+# apdu.parse_command, or its compiled twin (purse.COMPILED: see the end of purse.py).
+_parse_command: Callable[[bytes], Command] = purse.COMPILED.parse_command if purse.COMPILED else parse_command
+
 CLA_ISO = 0x00
 CLA_PROPRIETARY = 0x80
 CARD_CIPHERS_MAX = 32  # open cipher contexts for the card's own keys (it holds about ten)
@@ -158,7 +161,11 @@ class VirtualCard:
         writes them. A purchase records its balance, counter, proof and detail record, not the purse whole."""
         if not changes and not pushes:
             raise ValueError("commit_changes() needs the changes")
-        record = change_record(changes, pushes)
+        self.commit_record(change_record(changes, pushes))
+
+    def commit_record(self, record: bytes) -> None:
+        """commit_changes() for a journal line made already (state.change_record, or the compiled purchase
+        path's line, the same bytes): saved before the answer leaves; on failure, 65 81 and a rollback."""
         try:
             self.store.save(record, self.image)
         except Exception as exc:  # noqa: BLE001 - any storage failure means "the write did not happen"
@@ -184,7 +191,7 @@ class VirtualCard:
         pending, self.pending = self.pending, None
         try:
             handler = self._route(apdu)
-            command = parse_command(apdu)
+            command = _parse_command(apdu)
             if command.cla == CLA_PROPRIETARY and command.extended:
                 raise Refusal(SW.WRONG_LENGTH)  # ED/EP never needs extended length (§1.1)
             return handler(self, command, pending)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .apdu import Command, respond
-from .crypto import DesCipher, macs_equal, tac_key
+from .crypto import NO_EXTENSIONS, DesCipher, macs_equal, tac_key
 from .fs import DedicatedFile, EfKind, ElementaryFile
 from .keys import CardKey, KeyUsage
 from .sw import SW, Refusal
@@ -41,6 +41,7 @@ __all__ = [
     "PROOFS_KEPT",
     "PUBLIC_DATA_BYTES",
     "PUBLIC_DATA_SFI",
+    "PURCHASE_IMPLEMENTATION",
     "PURSE_AID",
     "Proof",
     "PurseData",
@@ -514,7 +515,7 @@ def get_transaction_prove(card: VirtualCard, command: Command, pending: object) 
 
 
 # INS -> handler, for CLA 80 while the purse ADF is the current DF.
-HANDLERS = {
+PY_HANDLERS = {
     0x5C: get_balance,
     0x50: initialize,
     0x52: credit_for_load,
@@ -522,3 +523,20 @@ HANDLERS = {
     0xDC: update_capp_data_cache,
     0x5A: get_transaction_prove,
 }
+
+# The compiled twin of a purchase's hot path (card/_purchase.pyx: INITIALIZE and DEBIT here, the APDU
+# parser in cos.py, the SAM in sam.py, the terminal's flow in flows.py) is chosen once, here, the way
+# crypto.DesCipher is: a missing build or CITYCARD_NO_EXTENSIONS=1 leaves the Python above, and
+# PURCHASE_IMPLEMENTATION (which tests/card/test_purchase_twin.py checks) says which one serves.
+# Imported last: the module takes PurchaseSession, Proof and the helpers above from this one.
+COMPILED: Any = None
+HANDLERS = PY_HANDLERS
+PURCHASE_IMPLEMENTATION = "python"
+if not NO_EXTENSIONS:
+    try:
+        from . import _purchase as COMPILED
+    except ImportError:
+        pass
+    else:
+        HANDLERS = {**PY_HANDLERS, 0x50: COMPILED.initialize, 0x54: COMPILED.debit_for_purchase}
+        PURCHASE_IMPLEMENTATION = "compiled"
