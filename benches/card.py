@@ -63,6 +63,7 @@ from citycard.card import (
     crypto,
     personalize,
     profile_from_json,
+    purse,
 )
 from citycard.card.commands import select_by_name
 from citycard.card.pcscd import wait_for_card, wait_until_empty
@@ -119,6 +120,8 @@ def _machine() -> dict[str, object]:
         "cryptography": importlib.metadata.version("cryptography"),
         # "compiled" (card/_des.pyx) or "python" (its twin; CITYCARD_NO_EXTENSIONS=1)
         "des": crypto.IMPLEMENTATION,
+        # "compiled" (card/_purchase.pyx: card, SAM and terminal side of a purchase) or "python" (the twin)
+        "purchase_path": purse.PURCHASE_IMPLEMENTATION,
         "orjson": _version_or_none("orjson"),  # the card's journal encoder; None: the stdlib's
         "platform": platform.platform(),
     }

@@ -349,6 +349,8 @@ def debit_for_purchase(card, command, pending):
 
 
 cdef object _json_bytes = None
+# The memo key of the pieces (a cdef function is no stable Python object: each mention makes a new one).
+cdef object _LINE_PIECES = object()
 
 
 cdef tuple _line_pieces(card, int purse, detail):
@@ -375,7 +377,7 @@ cdef bytes _purchase_line(card, int purse, detail, long long balance_fen, int co
                           const unsigned char *mac2, const unsigned char *tac, const unsigned char *rec):
     """change_record({balance_at: balance, counter_at: counter}, {proofs_at: [[tx type, counter, MAC2,
     TAC], 8], detail_at: [record, records_max]}): crc32 (8 hex) SP payload LF."""
-    key = (_line_pieces, purse, detail)
+    key = (_LINE_PIECES, purse, detail)
     memo = card.memo
     cdef PyObject *found = PyDict_GetItem(memo, key)
     if found is NULL:

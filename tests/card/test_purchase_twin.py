@@ -184,3 +184,15 @@ def test_the_compiled_parser_reads_every_apdu_as_apdu_py_does(raw: bytes) -> Non
     assert purse.COMPILED is not None
     assert _parsed(purse.COMPILED.parse_command, raw) == _parsed(apdu.parse_command, raw)
     assert _parsed(purse.COMPILED.parse_command, bytearray(raw)) == _parsed(apdu.parse_command, raw)
+
+
+def test_the_compiled_path_keeps_a_card_s_memo_bounded(master_keys: MasterKeys) -> None:
+    """What the purchase path memoises per card (its context, its journal line's pieces) is made once."""
+    (card, terminal), _ = _pair(master_keys)
+    terminal.verify_pin(PIN)
+    terminal.load(5_000)
+    terminal.purchase(1)
+    entries = len(card.memo)
+    for _ in range(50):
+        terminal.purchase(1)
+    assert len(card.memo) == entries
