@@ -24,7 +24,7 @@ install: $(STAMP)
 system-deps:
 	@scripts/install-system-deps
 
-$(STAMP): pyproject.toml setup.py core/_ledger.pyx core/_ledger.pxd core/lmdb_api.pxd card/_des.pyx card/_des.pxd apps/bus/_tac.pyx apps/bus/_tac.pxd $(wildcard proto/citycard/v1/*.proto) | system-deps
+$(STAMP): pyproject.toml setup.py core/_ledger.pyx core/_ledger.pxd core/lmdb_api.pxd card/_des.pyx card/_des.pxd card/_purchase.pyx card/_purchase.pxd apps/bus/_tac.pyx apps/bus/_tac.pxd $(wildcard proto/citycard/v1/*.proto) | system-deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel cython numpy grpcio-tools
 	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test]'
@@ -52,4 +52,4 @@ typecheck: $(STAMP)
 	$(BIN)/python -m pip install -q mypy && $(BIN)/mypy core citycard
 
 clean:
-	rm -rf build *.egg-info core/*.so core/_ledger.c core/*.html card/*.so card/_des.c card/*.html apps/bus/*.so apps/bus/_tac.c apps/bus/*.html $(VENV) citycard/v1 $(NODE_CLIENT)/node_modules
+	rm -rf build *.egg-info core/*.so core/_ledger.c core/*.html card/*.so card/_des.c card/_purchase.c card/*.html apps/bus/*.so apps/bus/_tac.c apps/bus/*.html $(VENV) citycard/v1 $(NODE_CLIENT)/node_modules
