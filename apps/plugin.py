@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import grpc
+from citycard.core.allocator import keep_freed_memory
 
 from citycard.v1 import applications_pb2, applications_pb2_grpc, cards_pb2_grpc, ledger_pb2_grpc
 
@@ -84,6 +85,7 @@ class Plugin(abc.ABC):
 def main(plugin: Plugin) -> int:
     """Run ``plugin`` as a process started by ``citycard serve``; the process's exit code."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {plugin.name} %(levelname)s %(message)s")
+    keep_freed_memory()  # as citycard serve does (core/allocator.py)
     address = os.environ.get(ENV_SERVER)
     token = os.environ.pop(ENV_TOKEN, None)
     if not address or not token:

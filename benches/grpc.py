@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from citycard.core.allocator import keep_freed_memory
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_LEDGER = 16
@@ -482,6 +483,7 @@ def main() -> int:
                         help="python: grpcio asyncio processes (the default: the cheaper client on the reference "
                              "VM); node: @grpc/grpc-js, one process (benches/grpc_unary_load.js)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the server and its applications do: both sides of a ratio alike
     rates = [int(rate) for rate in args.unary_rate.split(",")]
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="grpc-", dir=args.dir))

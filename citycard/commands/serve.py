@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import logging
+import os
 from pathlib import Path
 
+from citycard.core.allocator import keep_freed_memory
 from citycard.server import logs
 from citycard.server.plugins import BUILTIN_PLUGINS
 from citycard.server.server import DEFAULT_LISTEN, GRACE_S, TICK_INTERVAL_S, ServerConfig, serve
@@ -44,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     logs.configure(getattr(logging, args.log_level.upper()))
+    keep_freed_memory()  # megabyte batches come and go: reuse them, not fresh zeroed pages (core/allocator.py)
     plugins = tuple(name for name in args.plugins.split(",") if name.strip())
     if args.tick_interval <= 0:
         raise SystemExit("citycard: error: --tick-interval must be positive")
