@@ -361,10 +361,42 @@ def _require(array: np.ndarray | None, name: str) -> np.ndarray:
 def accounts_array(rows: Iterable[dict[str, Any]]) -> np.ndarray:
     """Account records from dicts with int ids: {"id", "ledger", "code", "flags", "owner", "user_data"}.
 
-    Checked row by row, field by field (the first wrong field is the error, as ``_records_from``
-    reports it), then written a column at a time: numpy sets one field of one record some ten times
-    slower than it fills a column from a list, and a production commit opens two thousand accounts."""
+    Written a column at a time: numpy sets one field of one record some ten times slower than it fills
+    a column from a list, and a production commit opens two thousand accounts. Rows that all set the
+    same fields to integers in range (a commit's accounts) are checked a column at a time too; any
+    other rows are checked row by row, field by field, and the first wrong field is the error, as
+    ``_records_from`` reports it."""
     rows = list(rows)
+    alike = _accounts_alike(rows)
+    return alike if alike is not None else _accounts_row_by_row(rows)
+
+
+def _accounts_alike(rows: list[dict[str, Any]]) -> np.ndarray | None:
+    """The records of rows that set the same fields, every value an integer in its field's range; None
+    for anything else (the row-by-row check then names what is wrong)."""
+    if not rows:
+        return None
+    names = rows[0].keys()
+    if not names <= _ACCOUNT_FIELDS or "reserved" in names or any(row.keys() != names for row in rows):
+        return None
+    array = np.zeros(len(rows), dtype=ACCOUNT_DTYPE)
+    for name in names:
+        column = [row[name] for row in rows]
+        if not all(issubclass(kind, int) for kind in set(map(type, column))):
+            return None
+        wide = name in _ACCOUNT_WIDE_FIELDS
+        if min(column) < 0 or max(column) > (ID_MAX if wide else AMOUNT_MAX):
+            return None
+        if wide:
+            array[name][:, 0] = [value & _WORD_MASK for value in column]
+            array[name][:, 1] = [value >> 64 for value in column]
+        else:
+            array[name] = list(map(int, column))
+    return array
+
+
+def _accounts_row_by_row(rows: list[dict[str, Any]]) -> np.ndarray:
+    """Any rows, checked one field at a time (the first wrong one is the error), then set by column."""
     columns: dict[str, tuple[list[int], list[Any]]] = {}
     for index, row in enumerate(rows):
         for field, value in row.items():
@@ -389,6 +421,7 @@ def accounts_array(rows: Iterable[dict[str, Any]]) -> np.ndarray:
 
 _ACCOUNT_FIELDS = frozenset(ACCOUNT_DTYPE.names)
 _ACCOUNT_WIDE_FIELDS = frozenset({"id", "owner"})
+_WORD_MASK = 2**64 - 1
 
 
 def transfers_array(rows: Iterable[dict[str, Any]]) -> np.ndarray:

@@ -31,13 +31,13 @@ from typing import Any
 from citycard.core.identity import mask_id
 from citycard.core.lifecycle import TERMINAL_STATES, CardState, Channel
 from citycard.core.records import BATCH_EVENTS_MAX
-from citycard.core.registry import Registry
+from citycard.core.registry import BulkEnrolment, OrderedCard, Registry
 from citycard.core.registry_records import Card, ErrorCode, Person, as_instant
-from citycard.core.registry_store import PERSONS, Stage
+from citycard.core.registry_store import Stage
 
 from .errors import ProductionError
 from .settings import ProductionSettings
-from .store import ROW_ORDER, Batch, BatchRow, EntryState, PhotoRecord, ProductionStore, RosterEntry, RowState
+from .store import ROW_ORDER, Batch, BatchRow, PhotoRecord, ProductionStore, RosterEntry, RowState
 
 __all__ = ["BatchSummary", "CreateResult", "HeldBack", "batch_summary", "create_batches"]
 
@@ -166,52 +166,48 @@ def _create_one(registry: Registry, store: ProductionStore, stage: Stage, employ
     batch_id = f"B{stage.next_seq('production.batch'):06d}"
     counts = {"persons_registered": 0, "persons_updated": 0, "cards_ordered": 0, "cards_reused": 0}
     digest = hashlib.sha256()
-    rows: list[BatchRow] = []
+    enrolment = registry.bulk_enrolment(stage, actor=actor, channel=Channel.BATCH, at=at)
+    cards: list[OrderedCard] = []
     for number, eligible in enumerate(page, start=1):
         entry, photo = eligible.entry, eligible.photo
-        person = _stage_person(registry, stage, entry, actor, at, counts)
+        holder = _stage_person(registry, stage, enrolment, entry, actor, at, counts)
         if eligible.reused_card is not None:
-            card = eligible.reused_card
+            card = OrderedCard.of(eligible.reused_card)
             counts["cards_reused"] += 1
         else:
             # _reusable_or_blocking has just read the holder's cards: none is usable (prechecked).
-            card = registry.stage_card(stage, person, actor=actor, channel=Channel.BATCH, at=at, audit=False,
-                                       prechecked=True)
+            card = enrolment.order_card(holder)
             counts["cards_ordered"] += 1
-        row = BatchRow(batch_id=batch_id, row=number, id_number=entry.id_number, name=entry.name,
-                       gender=entry.gender, date_of_birth=entry.date_of_birth, nationality=entry.nationality,
-                       ethnicity=entry.ethnicity, employer=employer, card_number=card.card_number,
-                       card_id_code=card.card_id_code, issue_date=card.issue_date.isoformat(),
-                       expiry_date=card.expiry_date.isoformat(), photo_sha256=photo.sha256, state=RowState.ORDERED)
-        store.put_row(stage, row)
-        # dataclasses.replace, without its per-call look at the fields (every field of an entry is an
-        # __init__ argument): a tenth of the time, a hundred thousand times.
-        batched = RosterEntry(**{**entry.__dict__, "state": EntryState.BATCHED, "batch_id": batch_id,
-                                 "batch_row": number, "reason": None})
-        store.put_entry(stage, batched, entry)
+        store.put_new_row(stage, {
+            "batch_id": batch_id, "row": number, "id_number": entry.id_number, "name": entry.name,
+            "gender": entry.gender, "date_of_birth": entry.date_of_birth, "nationality": entry.nationality,
+            "ethnicity": entry.ethnicity, "employer": employer, "card_number": card.card_number,
+            "card_id_code": card.card_id_code, "issue_date": card.issue_date, "expiry_date": card.expiry_date,
+            "photo_sha256": photo.sha256, "state": RowState.ORDERED})
+        store.put_batched_entry(stage, entry, batch_id, number)
         digest.update(f"{number}:{entry.id_number}:{card.card_number}:{photo.sha256}\n".encode("ascii"))
-        rows.append(row)
-    batch = Batch(batch_id=batch_id, employer=employer, employer_name=employer_name, rows=len(rows),
-                  created_at=at.isoformat(), actor=actor, first_card=rows[0].card_number,
-                  last_card=rows[-1].card_number)
-    batch = batch.with_event("create", at.isoformat(), actor, rows=len(rows), **counts)
+        cards.append(card)
+    batch = Batch(batch_id=batch_id, employer=employer, employer_name=employer_name, rows=len(cards),
+                  created_at=at.isoformat(), actor=actor, first_card=cards[0].card_number,
+                  last_card=cards[-1].card_number)
+    batch = batch.with_event("create", at.isoformat(), actor, rows=len(cards), **counts)
     store.put_batch(stage, batch)
     stage.audit(actor=actor, channel=Channel.BATCH, action="production.batch_create", subject=f"batch {batch_id}",
-                at=at, details={"employer": employer, "rows": len(rows), "first_card": batch.first_card,
+                at=at, details={"employer": employer, "rows": len(cards), "first_card": batch.first_card,
                                 "last_card": batch.last_card, "rows_sha256": digest.hexdigest(), **counts})
     return batch
 
 
-def _stage_person(registry: Registry, stage: Stage, entry: RosterEntry, actor: str, at: _dt.datetime,
-                  counts: dict[str, int]) -> Person:
-    if registry.ledger.get(PERSONS, entry.id_number.encode("ascii")) is None:  # most are new: no refusal to build
+def _stage_person(registry: Registry, stage: Stage, enrolment: BulkEnrolment, entry: RosterEntry, actor: str,
+                  at: _dt.datetime, counts: dict[str, int]) -> Person | str:
+    """The holder of the row's card: registered now (their ID number), or registered before and brought
+    up to the roster's data (the Person)."""
+    if enrolment.register(  # the roster import checked the ID number, birth date, gender and name
+            id_number=entry.id_number, name=entry.name, date_of_birth=entry.date_of_birth,
+            residence=entry.residence, household_registration=entry.household_registration, status="employed",
+            nationality=entry.nationality, employer=entry.employer):
         counts["persons_registered"] += 1
-        return registry.stage_person(
-            stage, id_number=entry.id_number, name=entry.name, gender=entry.gender,
-            date_of_birth=entry.date_of_birth, residence=entry.residence,
-            household_registration=entry.household_registration, status="employed", nationality=entry.nationality,
-            employer=entry.employer, actor=actor, channel=Channel.BATCH, at=at, audit=False,
-            prechecked=True)  # the roster import checked the ID number, birth date, gender and name
+        return entry.id_number
     person = registry.person(entry.id_number)
     updated = registry.stage_person_update(
         stage, person, name=entry.name, residence=entry.residence,

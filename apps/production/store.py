@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -264,6 +264,11 @@ class BatchRow(_Record):
         return cls(**{**record, "state": RowState(record["state"])})
 
 
+# What a new row sets, and what it leaves at the defaults (the verdict, the chip, the steps after).
+_ROW_DEFAULTS = {item.name: item.default for item in fields(BatchRow) if item.default is not MISSING}
+_NEW_ROW_FIELDS = {item.name for item in fields(BatchRow)} - _ROW_DEFAULTS.keys()
+
+
 def row_key(batch_id: str, row: int) -> bytes:
     return f"{batch_id}:{row:0{ROW_DIGITS}d}".encode("ascii")
 
@@ -403,6 +408,15 @@ class ProductionStore:
             stage.put(WAITING, waiting_key(entry.employer, entry.id_number), b"")
 
     @staticmethod
+    def put_batched_entry(stage: Stage, entry: RosterEntry, batch_id: str, row: int) -> None:
+        """``put_entry`` of the entry taken into row ``row`` of a batch, without building that entry (a
+        batch of a hundred thousand persons notices the dataclass)."""
+        stage.put(ROSTER, entry.id_number.encode("ascii"), encode(
+            {**entry.__dict__, "state": EntryState.BATCHED, "batch_id": batch_id, "batch_row": row, "reason": None}))
+        if entry.state is EntryState.WAITING:
+            stage.put(WAITING, waiting_key(entry.employer, entry.id_number), None)
+
+    @staticmethod
     def put_photo(stage: Stage, record: PhotoRecord) -> None:
         stage.put(PHOTOS, record.id_number.encode("ascii"), record.stored())
 
@@ -414,6 +428,16 @@ class ProductionStore:
     def put_row(stage: Stage, row: BatchRow) -> None:
         stage.put(BATCH_ROWS, row.key, row.stored())
         stage.put(CARDS, row.card_number.encode("ascii"), row.key)
+
+    @staticmethod
+    def put_new_row(stage: Stage, values: dict[str, Any]) -> None:
+        """``put_row`` of ``BatchRow(**values)`` (a new row: the fields after ``state`` at their defaults),
+        without building the BatchRow."""
+        if values.keys() != _NEW_ROW_FIELDS:
+            raise ValueError(f"a new batch row has the fields {sorted(_NEW_ROW_FIELDS)}")
+        key = row_key(values["batch_id"], values["row"])
+        stage.put(BATCH_ROWS, key, encode({**values, **_ROW_DEFAULTS}))
+        stage.put(CARDS, values["card_number"].encode("ascii"), key)
 
     @staticmethod
     def put_chip(stage: Stage, chip_serial: str, card_number: str) -> None:
