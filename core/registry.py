@@ -788,7 +788,8 @@ class BulkEnrolment:
         if stage.get(PERSONS, key) is not None:
             return False
         subject = f"person {mask_id(number)}"
-        status = parse_enum(PersonStatus, status, "status", subject)
+        if type(status) is not PersonStatus:  # a member given is taken as it is: a bulk passes one for all
+            status = parse_enum(PersonStatus, status, "status", subject)
         unit_code = self._registry._check_person_employer(employer, status, subject)
         seq = stage.next_seq("person")
         account_id = medical_account_id(seq)

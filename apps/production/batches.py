@@ -32,9 +32,10 @@ from citycard.core.identity import mask_id
 from citycard.core.lifecycle import TERMINAL_STATES, CardState, Channel
 from citycard.core.records import BATCH_EVENTS_MAX
 from citycard.core.registry import BulkEnrolment, OrderedCard, Registry
-from citycard.core.registry_records import Card, ErrorCode, Person, as_instant
+from citycard.core.registry_records import Card, ErrorCode, Person, PersonStatus, as_instant
 from citycard.core.registry_store import Stage
 
+from .collector import collector_paused
 from .errors import ProductionError
 from .settings import ProductionSettings
 from .store import ROW_ORDER, Batch, BatchRow, PhotoRecord, ProductionStore, RosterEntry, RowState
@@ -90,9 +91,15 @@ def create_batches(registry: Registry, store: ProductionStore, settings: Product
         raise ProductionError("roster", f"import {first.import_id} of {first.file_name} is unfinished "
                                         f"({first.committed_rows} of {first.accepted} rows written); import that "
                                         "file again to finish it", code=ErrorCode.FAILED_PRECONDITION)
-    result = CreateResult()
     chosen = [registry.employer(code).unit_code for code in employers] if employers is not None \
         else store.waiting_employers()
+    with collector_paused():
+        return _create_all(registry, store, chosen, rows_max, actor, at, progress)
+
+
+def _create_all(registry: Registry, store: ProductionStore, chosen: list[str], rows_max: int, actor: str,
+                at: _dt.datetime, progress: Progress) -> CreateResult:
+    result = CreateResult()
     stage: Stage | None = None
     staged_rows = 0
     for employer in chosen:
@@ -204,8 +211,8 @@ def _stage_person(registry: Registry, stage: Stage, enrolment: BulkEnrolment, en
     up to the roster's data (the Person)."""
     if enrolment.register(  # the roster import checked the ID number, birth date, gender and name
             id_number=entry.id_number, name=entry.name, date_of_birth=entry.date_of_birth,
-            residence=entry.residence, household_registration=entry.household_registration, status="employed",
-            nationality=entry.nationality, employer=entry.employer):
+            residence=entry.residence, household_registration=entry.household_registration,
+            status=PersonStatus.EMPLOYED, nationality=entry.nationality, employer=entry.employer):
         counts["persons_registered"] += 1
         return entry.id_number
     person = registry.person(entry.id_number)

@@ -48,6 +48,7 @@ from citycard.core.lifecycle import TERMINAL_STATES, Channel
 from citycard.core.registry import Registry
 from citycard.core.registry_records import RegistryError, as_instant
 
+from .collector import collector_paused
 from .errors import ProductionError, RowProblem
 from .parallel import ordered_map
 from .rosterfile import RosterFile
@@ -164,14 +165,16 @@ def import_roster(registry: Registry, store: ProductionStore, path: Path, *, act
     else:
         # A first import; or an interrupted one whose spool is gone: checked again and written from the
         # start, which is safe because writing an entry that is already there changes nothing.
-        problems, accepted, rows = _check_file(registry, store, roster, spool, at, progress, jobs)
+        with collector_paused():  # its worker processes inherit the pause (their rows make no cycles)
+            problems, accepted, rows = _check_file(registry, store, roster, spool, at, progress, jobs)
         write_problems(report_path, problems)
         record = ImportRecord(
             import_id=existing.import_id if existing else "", file_name=display_name, sha256=sha256,
             format=roster.format, encoding=roster.encoding, rows=rows, accepted=accepted,
             rejected=len({problem.row for problem in problems}), state=ImportState.IMPORTING,
             started_at=existing.started_at if existing else at.isoformat(), actor=actor)
-    record = _write_entries(registry, store, record, spool, at, actor, progress)
+    with collector_paused():
+        record = _write_entries(registry, store, record, spool, at, actor, progress)
     return ImportResult(record, problems, report_path, resumed=existing is not None,
                         ignored_columns=roster.ignored_columns, deleted_records=roster.deleted_records)
 
