@@ -46,9 +46,11 @@ WAITING_PAGE_ROWS = 1000
 ACCOUNTS_PER_ROW_MAX = 2  # a new person's medical account and the card's e-purse
 # Rows of small batches gathered in one unit of work (a larger batch is committed alone). A row holds
 # about 20 KB until the commit: its staged records and the five or so B-tree pages it dirties, which
-# LMDB keeps in memory for reuse afterwards. So this bounds the heap (about 20 MB) while a city of
-# 500-person employers is committed two batches at a time.
-ROWS_PER_COMMIT = 1000
+# LMDB keeps in memory for reuse afterwards. So this bounds the heap (about 40 MB) while a city of
+# 500-person employers is committed four batches at a time: at 100,000 persons a commit of 2,000 rows
+# instead of 1,000 took a third off the ledger's time (6.0 -> 4.0 s: fewer pages written twice, half
+# the fsyncs).
+ROWS_PER_COMMIT = 2000
 HELD_BACK_LISTED_MAX = 10_000  # entries held back that a result lists; it counts them all
 Progress = Callable[[str, int, int | None], None]
 
