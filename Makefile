@@ -7,19 +7,26 @@ STAMP  := $(VENV)/.installed
 NODE_CLIENT := examples/node-client
 NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
 DATA   ?= var
+# The unary load generator of benches/grpc.py in gRPC's C++ library (Debian's libgrpc++-dev): built, git-ignored.
+CXX_LOAD := benches/grpc_unary_load
 
-.PHONY: demo test bench lint typecheck compile debug clean install system-deps proto
+.PHONY: demo test bench bench-tools lint typecheck compile debug clean install system-deps proto
 
 demo: $(STAMP)
 	$(BIN)/citycard demo --data $(DATA)
 
-test: $(STAMP) $(NODE_STAMP)
+test: $(STAMP) $(NODE_STAMP) $(CXX_LOAD)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python -m benches.ledger --json
 
 install: $(STAMP)
+
+bench-tools: $(CXX_LOAD)
+
+$(CXX_LOAD): benches/grpc_unary_load.cc | system-deps
+	$(CXX) -O2 -std=c++17 -Wall -o $@ $< $$(pkg-config --cflags --libs grpc++)
 
 system-deps:
 	@scripts/install-system-deps
@@ -52,4 +59,4 @@ typecheck: $(STAMP)
 	$(BIN)/python -m pip install -q mypy && $(BIN)/mypy core citycard
 
 clean:
-	rm -rf build *.egg-info core/*.so core/_ledger.c core/*.html card/*.so card/_des.c card/_purchase.c card/*.html apps/bus/*.so apps/bus/_tac.c apps/bus/*.html $(VENV) citycard/v1 $(NODE_CLIENT)/node_modules
+	rm -rf build *.egg-info core/*.so core/_ledger.c core/*.html card/*.so card/_des.c card/_purchase.c card/*.html apps/bus/*.so apps/bus/_tac.c apps/bus/*.html $(VENV) citycard/v1 $(NODE_CLIENT)/node_modules $(CXX_LOAD)

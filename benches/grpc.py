@@ -16,10 +16,11 @@
    second; the last is reported as ``unary``, target p99 < 5 ms) by an open-loop load generator: request n
    is due at start + n / rate, fixed before the run, and sent then whatever the answers do. Latency runs
    from its DUE time to its answer (no coordinated omission: a generator or machine that falls behind shows
-   as latency); ``send_lag`` says how late the generator itself sent. Two generators
-   (``--unary-generator``): ``python`` (default), 2 grpcio asyncio processes at half the rate each, their
-   schedules interleaved; ``node``, one @grpc/grpc-js process over 2 connections (grpc_unary_load.js, with
-   the packages of examples/node-client). Reported: offered and achieved rates (answered OK per second),
+   as latency); ``send_lag`` says how late the generator itself sent. Three generators
+   (``--unary-generator``): ``cxx`` (default), one process of gRPC's C++ library over 2 connections
+   (grpc_unary_load.cc, built by ``make bench-tools``); ``python``, 2 grpcio asyncio processes at half the
+   rate each, their schedules interleaved; ``node``, one @grpc/grpc-js process over 2 connections
+   (grpc_unary_load.js, with the packages of examples/node-client). Reported: offered and achieved rates (answered OK per second),
    answers by outcome (OK; REFUSED_TRANSFERS when the answer lists a transfer not booked; a status code),
    p50/p99/max, and CPU per call of the server and of the generator. The first ``--unary-warmup-seconds``
    are not counted. ``--unary-only`` skips (1) and (2).
@@ -72,6 +73,7 @@ UNARY_DEADLINE_S = 10.0
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 NODE_GENERATOR = REPO / "benches" / "grpc_unary_load.js"
 NODE_MODULES = REPO / "examples" / "node-client" / "node_modules"  # npm ci --prefix examples/node-client
+CXX_GENERATOR = REPO / "benches" / "grpc_unary_load"  # make bench-tools: grpc_unary_load.cc, built
 
 
 # -- CPU accounting --------------------------------------------------------------------------------------------
@@ -360,24 +362,23 @@ def python_generator(address: str, token: str, payloads: list[list[bytes]], rate
     return collect, close
 
 
-def node_generator(address: str, token: str, payloads: list[list[bytes]], rate: float, start_at: float,
-                   warmup: int) -> tuple[Callable[[], list[dict]], Callable[[], None]]:
-    """One Node process (grpc_unary_load.js) sending every request, interleaved from the payload lists,
-    over as many connections as there are lists."""
-    node = shutil.which("node")
-    if node is None or not (NODE_MODULES / "@grpc" / "grpc-js").is_dir():
-        raise SystemExit("the Node load generator needs node and `npm ci --prefix examples/node-client` "
-                         "(or use --unary-generator python)")
+def _payload_file(payloads: list[list[bytes]]) -> tuple[str, int]:
+    """The requests interleaved from the payload lists into a scratch file (each behind its length as a u32
+    little-endian), and how many there are."""
     interleaved = [payload for row in zip(*payloads) for payload in row]
     with tempfile.NamedTemporaryFile(prefix="unary-", suffix=".bin", delete=False) as scratch:
         for payload in interleaved:
             scratch.write(len(payload).to_bytes(4, "little") + payload)
-    config = {"address": address, "token": token, "payloads": scratch.name, "rate": rate, "warmup": warmup,
-              "start_ns": str(int(start_at * 1e9)), "method": UNARY_METHOD, "deadline_ms": UNARY_DEADLINE_S * 1000,
-              "connections": len(payloads)}
-    process = subprocess.Popen([node, str(NODE_GENERATOR)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    return scratch.name, len(interleaved)
+
+
+def _external_generator(command: list[str], config_text: str, payload_file: str, count: int,
+                        warmup: int) -> Callable[[], list[dict]]:
+    """Start a generator process that reads its configuration on stdin (the token stays out of the process
+    list) and writes the report grpc_unary_load.js/.cc describe; the function that collects it."""
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert process.stdin is not None
-    process.stdin.write(json.dumps(config).encode())
+    process.stdin.write(config_text.encode())
     process.stdin.close()
 
     def collect() -> list[dict]:
@@ -386,20 +387,50 @@ def node_generator(address: str, token: str, payloads: list[list[bytes]], rate: 
             out = process.stdout.read()  # the phase's own timing bounds it: every call has a deadline
             process.wait(RESULT_TIMEOUT_S)
         finally:
-            os.unlink(scratch.name)
+            os.unlink(payload_file)
         if process.returncode:
-            raise SystemExit(f"the Node load generator failed (exit {process.returncode})")
+            raise SystemExit(f"the load generator {command[-1]} failed (exit {process.returncode})")
         report = json.loads(out)
-        counted = slice(warmup, len(interleaved))
+        counted = slice(warmup, count)
         latency = np.array(report["latency_us"], dtype=float)[counted] / 1e6
         lag = np.array(report["send_lag_us"], dtype=float)[counted] / 1e6
         return [{"latency_s": latency, "send_lag_s": lag, "statuses": report["outcomes"][counted],
                  "span_s": report["span_s"], "cpu_s": report["cpu_s"]}]
 
-    return collect, lambda: None
+    return collect
 
 
-UNARY_GENERATORS = {"node": node_generator, "python": python_generator}
+def node_generator(address: str, token: str, payloads: list[list[bytes]], rate: float, start_at: float,
+                   warmup: int) -> tuple[Callable[[], list[dict]], Callable[[], None]]:
+    """One Node process (grpc_unary_load.js) sending every request, interleaved from the payload lists,
+    over as many connections as there are lists."""
+    node = shutil.which("node")
+    if node is None or not (NODE_MODULES / "@grpc" / "grpc-js").is_dir():
+        raise SystemExit("the Node load generator needs node and `npm ci --prefix examples/node-client` "
+                         "(or use --unary-generator cxx)")
+    payload_file, count = _payload_file(payloads)
+    config = {"address": address, "token": token, "payloads": payload_file, "rate": rate, "warmup": warmup,
+              "start_ns": str(int(start_at * 1e9)), "method": UNARY_METHOD, "deadline_ms": UNARY_DEADLINE_S * 1000,
+              "connections": len(payloads)}
+    return _external_generator([node, str(NODE_GENERATOR)], json.dumps(config), payload_file, count, warmup), \
+        lambda: None
+
+
+def cxx_generator(address: str, token: str, payloads: list[list[bytes]], rate: float, start_at: float,
+                  warmup: int) -> tuple[Callable[[], list[dict]], Callable[[], None]]:
+    """One process of grpc_unary_load.cc (gRPC's C++ library) sending every request, interleaved from the
+    payload lists, over as many connections as there are lists."""
+    if not CXX_GENERATOR.is_file():
+        raise SystemExit(f"{CXX_GENERATOR} is not built: run `make bench-tools` (or use --unary-generator python)")
+    payload_file, count = _payload_file(payloads)
+    config = {"address": address, "token": token, "payloads": payload_file, "rate": rate, "warmup": warmup,
+              "start_ns": int(start_at * 1e9), "method": UNARY_METHOD, "deadline_ms": int(UNARY_DEADLINE_S * 1000),
+              "connections": len(payloads)}
+    config_text = "".join(f"{key} {value}\n" for key, value in config.items())
+    return _external_generator([str(CXX_GENERATOR)], config_text, payload_file, count, warmup), lambda: None
+
+
+UNARY_GENERATORS = {"cxx": cxx_generator, "node": node_generator, "python": python_generator}
 
 
 def unary(server_pid: int, address: str, token: str, debit: str, credit: str, rate: int, seconds: float,
@@ -407,7 +438,7 @@ def unary(server_pid: int, address: str, token: str, debit: str, credit: str, ra
     per_client = rate / clients
     per_client_count = int(per_client * (warmup_s + seconds))
     payloads = [unary_payloads(first_id + c * per_client_count, per_client_count, debit, credit) for c in range(clients)]
-    warmup = int(per_client * warmup_s) * (clients if generator == "node" else 1)
+    warmup = int(per_client * warmup_s) * (1 if generator == "python" else clients)
     start_at = time.perf_counter() + 3.0  # CLOCK_MONOTONIC: the same clock in every process on this machine
     collect, close = UNARY_GENERATORS[generator](address, token, payloads, rate, start_at, warmup)
     time.sleep(max(0.0, start_at + warmup_s - time.perf_counter()))
@@ -479,9 +510,10 @@ def main() -> int:
     parser.add_argument("--commit-floor-commits", type=int, default=200,
                         help="one-transfer commits timed in-process (the floor under unary latency)")
     parser.add_argument("--unary-only", action="store_true", help="skip the in-process and stream phases")
-    parser.add_argument("--unary-generator", choices=sorted(UNARY_GENERATORS), default="python",
-                        help="python: grpcio asyncio processes (the default: the cheaper client on the reference "
-                             "VM); node: @grpc/grpc-js, one process (benches/grpc_unary_load.js)")
+    parser.add_argument("--unary-generator", choices=sorted(UNARY_GENERATORS), default="cxx",
+                        help="cxx: gRPC's C++ library, one process (benches/grpc_unary_load.cc, `make bench-tools`; "
+                             "the default: the cheapest client by far); python: grpcio asyncio processes; node: "
+                             "@grpc/grpc-js, one process (benches/grpc_unary_load.js)")
     args = parser.parse_args()
     keep_freed_memory()  # as the server and its applications do: both sides of a ratio alike
     rates = [int(rate) for rate in args.unary_rate.split(",")]

@@ -1,6 +1,6 @@
 """The open-loop load generators of ``python -m benches.grpc`` (its unary phase) against a real server: every
-request offered is answered and classified, in both generators (Node's @grpc/grpc-js, and grpcio's asyncio
-client). Only counts and outcomes are asserted, never timings (the machine is shared)."""
+request offered is answered and classified, in every generator (gRPC's C++ library, Node's @grpc/grpc-js, and
+grpcio's asyncio client). Only counts and outcomes are asserted, never timings (the machine is shared)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ def test_every_offered_request_is_answered_and_a_replay_is_refused(server, bench
     if generator == "node":
         assert shutil.which("node") and (bench.NODE_MODULES / "@grpc" / "grpc-js").is_dir(), \
             "run `make test` (or `npm ci --prefix examples/node-client`) to install the Node client's packages"
+    if generator == "cxx":
+        assert bench.CXX_GENERATOR.is_file(), "run `make test` (or `make bench-tools`) to build it"
     token, debit, credit = bench_app
-    first_id = (7 if generator == "node" else 8) << 56
+    first_id = {"node": 7, "python": 8, "cxx": 9}[generator] << 56
 
     def offer() -> dict:
         return bench.unary(server.process.pid, server.address, token, debit, credit, RATE_PER_S, SECONDS, WARMUP_S,
