@@ -31,7 +31,7 @@ $(CXX_LOAD): benches/grpc_unary_load.cc | system-deps
 system-deps:
 	@scripts/install-system-deps
 
-$(STAMP): pyproject.toml setup.py core/_ledger.pyx core/_ledger.pxd core/lmdb_api.pxd card/_des.pyx card/_des.pxd card/_purchase.pyx card/_purchase.pxd apps/bus/_tac.pyx apps/bus/_tac.pxd $(wildcard proto/citycard/v1/*.proto) | system-deps
+$(STAMP): pyproject.toml setup.py core/_ledger.pyx core/_ledger.pxd core/lmdb_api.pxd card/_des.pyx card/_des.pxd card/_purchase.pyx card/_purchase.pxd apps/bus/_tac.pyx apps/bus/_tac.pxd citycard/server/_h2.pyx $(wildcard proto/citycard/v1/*.proto) | system-deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel cython numpy grpcio-tools
 	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test]'
@@ -59,4 +59,4 @@ typecheck: $(STAMP)
 	$(BIN)/python -m pip install -q mypy && $(BIN)/mypy core citycard
 
 clean:
-	rm -rf build *.egg-info core/*.so core/_ledger.c core/*.html card/*.so card/_des.c card/_purchase.c card/*.html apps/bus/*.so apps/bus/_tac.c apps/bus/*.html $(VENV) citycard/v1 $(NODE_CLIENT)/node_modules $(CXX_LOAD)
+	rm -rf build *.egg-info core/*.so core/_ledger.c core/*.html card/*.so card/_des.c card/_purchase.c card/*.html apps/bus/*.so apps/bus/_tac.c apps/bus/*.html citycard/server/*.so citycard/server/_h2.c citycard/server/*.html $(VENV) citycard/v1 $(NODE_CLIENT)/node_modules $(CXX_LOAD)

@@ -33,7 +33,7 @@ if DEBUG:
 # package_dir mapping puts it ("citycard.core._ledger"). The init symbol only uses the last part.
 INSTALLED_NAME = {"core._ledger": "citycard.core._ledger", "card._des": "citycard.card._des",
                   "card._purchase": "citycard.card._purchase",
-                  "apps.bus._tac": "citycard.apps.bus._tac"}
+                  "apps.bus._tac": "citycard.apps.bus._tac", "citycard.server._h2": "citycard.server._h2"}
 
 extensions = [
     Extension(
@@ -55,6 +55,10 @@ extensions = [
     # OpenSSL 3, still exported); apps/bus/tac.py falls back to its pure twin without it.
     Extension("apps.bus._tac", sources=["apps/bus/_tac.pyx"], libraries=["crypto"],
               define_macros=macros + [("OPENSSL_SUPPRESS_DEPRECATED", None)], extra_compile_args=compile_args),
+    # HTTP/2 framing over libnghttp2 for the server's front (citycard/server/front.py), which answers the
+    # unary CreateTransfers itself and hands every other call to grpcio.
+    Extension("citycard.server._h2", sources=["citycard/server/_h2.pyx"], libraries=["nghttp2"],
+              define_macros=macros, extra_compile_args=compile_args),
 ]
 
 compiled = cythonize(

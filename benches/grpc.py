@@ -32,15 +32,18 @@ client of their phase is done (an early finisher's teardown would take CPU from 
 reports the CPU the server used and the clients used (in cores), and ``other_cores``: everything else on
 the machine (other work sharing it, kernel threads), because the clients run on the same cores as the server.
 
-What the unary figures mean on a small machine (the 2-core reference VM, shared). A unary call costs about
-0.45-0.6 ms of CPU in the server even with a handler that does nothing (grpc.aio, the threaded grpc.server
-and uvloop alike), and 0.45-0.7 ms in the Python generator; @grpc/grpc-js costs more (0.65-1.1 ms) and a C
-client (h2load) about 0.05 ms. So at 2,000 calls per second server and generator together need both cores
-before the ledger does anything. Past the rate the machine can carry, latency is queueing, and calls pile
-up in grpc core in front of the event loop; past 1,000 of them grpc core starts shedding new calls (all past
-3,000), which end CANCELLED at the client (grpc's "too many pending requests" backlog protection: neither
-the writer nor client deadlines). And when the disk is shared, the commit floor (3) alone can pass 5 ms.
-The sweep shows the rate up to which the server keeps p99 under 5 ms on the machine at hand.
+Two servers, one after the other (``--fronts``, default ``native,grpcio``): ``citycard serve`` as it runs, with
+its front (citycard/server/front.py: the unary CreateTransfers answered on the event loop, HTTP/2 framed by
+libnghttp2, every other call passed through to grpcio), whose figures are the report's; and ``--front grpcio``,
+grpcio serving the port alone, as before the front (under ``other_fronts``): the same phases, so the run shows
+what the front changes, on the unary calls it answers and on the streams it passes through.
+
+What the unary figures mean on a small machine (the 2-core reference VM). grpcio spends 0.4-0.9 ms of CPU on a
+unary call, most of it handing the call between its threads; with grpcio alone one event loop tops out near
+1,000 calls/s and past that latency is queueing (past 1,000 pending calls grpc core starts shedding new ones,
+which end CANCELLED). The front answers in one thread, and the rest of a call's cost is the writer's commit
+(one fdatasync a batch, whose virtio kicks are a large share of the server's CPU on this VM). The generator
+costs CPU on the same cores: ``cxx`` about 0.15 ms a call, Python's 0.45-0.7 ms, Node's 0.65-1.1 ms.
 """
 
 from __future__ import annotations
@@ -168,12 +171,12 @@ def commit_floor(directory: Path, commits: int) -> dict:
 
 # -- the server and the benchmark application ----------------------------------------------------------------
 
-def start_server(directory: Path) -> tuple[subprocess.Popen[bytes], dict]:
+def start_server(directory: Path, front: str = "native") -> tuple[subprocess.Popen[bytes], dict]:
     ready = directory / "ready.json"
     with open(directory / "server.log", "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "citycard.server", "--data", str(directory / "data"),
                                     "--listen", "127.0.0.1:0", "--plugins", "", "--ready-file", str(ready),
-                                    "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+                                    "--log-level", "warning", "--front", front], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -464,6 +467,30 @@ def unary(server_pid: int, address: str, token: str, debit: str, credit: str, ra
             "send_lag_p99_ms": ms(lag_ms, 99), **cpu}
 
 
+def against_server(directory: Path, front: str, args: argparse.Namespace, rates: list[int]) -> dict:
+    """The stream and unary phases against a fresh ``citycard serve --front FRONT``."""
+    directory.mkdir(parents=True)
+    process, ready = start_server(directory, front)
+    try:
+        address = ready["address"]
+        operator = Path(ready["operator_token_file"]).read_text().strip()
+        token, debit, credit = register_bench_app(address, operator)
+        streamed = messages = None
+        if not args.unary_only:
+            streamed = stream(process.pid, address, token, "packed", debit, credit, args.clients,
+                              args.stream_requests, BATCH)
+            if args.stream_message_requests:
+                messages = stream(process.pid, address, token, "messages", debit, credit, args.clients,
+                                  args.stream_message_requests, 512)
+        sweep = [unary(process.pid, address, token, debit, credit, rate, args.unary_seconds,
+                       args.unary_warmup_seconds, args.unary_clients, (n + 1) << 56, args.unary_generator)
+                 for n, rate in enumerate(rates)]
+    finally:
+        process.terminate()
+        process.wait(60)
+    return {"front": front, "stream": streamed, "stream_messages": messages, "unary_sweep": sweep}
+
+
 def machine() -> dict:
     import grpc
 
@@ -473,22 +500,24 @@ def machine() -> dict:
 
 
 def print_table(report: dict[str, Any], clients: int) -> None:
-    reference, streamed, messages = report["inprocess"], report["stream"], report["stream_messages"]
-    if reference and streamed:
+    reference, floor = report["inprocess"], report["commit_floor"]
+    if reference:
         print(f"in-process batches      : {reference['transfers_per_s']:>10,} transfers/s")
-        print(f"stream, packed ({clients} procs): {streamed['transfers_per_s']:>10,} transfers/s  "
-              f"ratio {report['ratio_stream_to_inprocess']}")
-    if reference and messages:
-        print(f"stream, messages        : {messages['transfers_per_s']:>10,} transfers/s  "
-              f"ratio {report['ratio_stream_messages_to_inprocess']}")
-    floor = report["commit_floor"]
     print(f"one-transfer commit     : p50 {floor['p50_ms']} ms, p99 {floor['p99_ms']} ms (in-process: the floor)")
-    for result in report["unary_sweep"]:
-        print(f"unary offered {result['offered_per_s']:>5}/s ({result['generator']}): achieved "
-              f"{result['achieved_per_s']}/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
-              f"{result['statuses']}, server {result['server_cores']} cores "
-              f"({result['server_cpu_us_per_call']} us/call), clients {result['clients_cores']} "
-              f"({result['client_cpu_us_per_call']} us/call), others {result['other_cores']}")
+    main_run = {"front": report["front"], "stream": report["stream"], "stream_messages": report["stream_messages"],
+                "unary_sweep": report["unary_sweep"], **{key: report[key] for key in report if key.startswith("ratio")}}
+    for run in (main_run, *report["other_fronts"]):
+        print(f"-- citycard serve --front {run['front']}")
+        for form, key in (("packed", "stream"), ("messages", "stream_messages")):
+            if run[key] and f"ratio_{key}_to_inprocess" in run:
+                print(f"stream, {form:8} ({clients} procs): {run[key]['transfers_per_s']:>10,} transfers/s  "
+                      f"ratio {run[f'ratio_{key}_to_inprocess']}")
+        for result in run["unary_sweep"]:
+            print(f"unary offered {result['offered_per_s']:>5}/s ({result['generator']}): achieved "
+                  f"{result['achieved_per_s']}/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
+                  f"{result['statuses']}, server {result['server_cores']} cores "
+                  f"({result['server_cpu_us_per_call']} us/call), clients {result['clients_cores']} "
+                  f"({result['client_cpu_us_per_call']} us/call), others {result['other_cores']}")
     print(f"load average (1, 5, 15 min): {report['load_average']}")
 
 
@@ -510,6 +539,10 @@ def main() -> int:
     parser.add_argument("--commit-floor-commits", type=int, default=200,
                         help="one-transfer commits timed in-process (the floor under unary latency)")
     parser.add_argument("--unary-only", action="store_true", help="skip the in-process and stream phases")
+    parser.add_argument("--fronts", default="native,grpcio",
+                        help="servers to measure, comma-separated, each `citycard serve --front F` in turn: native "
+                             "(the default server; its figures are the report's) and grpcio (grpcio alone, as "
+                             "before the front; under other_fronts)")
     parser.add_argument("--unary-generator", choices=sorted(UNARY_GENERATORS), default="cxx",
                         help="cxx: gRPC's C++ library, one process (benches/grpc_unary_load.cc, `make bench-tools`; "
                              "the default: the cheapest client by far); python: grpcio asyncio processes; node: "
@@ -522,34 +555,25 @@ def main() -> int:
     try:
         reference = None if args.unary_only else inprocess(scratch, args.inprocess_batches)
         floor = commit_floor(scratch, args.commit_floor_commits)
-        process, ready = start_server(scratch)
-        try:
-            address = ready["address"]
-            operator = Path(ready["operator_token_file"]).read_text().strip()
-            token, debit, credit = register_bench_app(address, operator)
-            streamed = messages = None
-            if not args.unary_only:
-                streamed = stream(process.pid, address, token, "packed", debit, credit, args.clients,
-                                  args.stream_requests, BATCH)
-                if args.stream_message_requests:
-                    messages = stream(process.pid, address, token, "messages", debit, credit, args.clients,
-                                      args.stream_message_requests, 512)
-            sweep = [unary(process.pid, address, token, debit, credit, rate, args.unary_seconds,
-                           args.unary_warmup_seconds, args.unary_clients, (n + 1) << 56, args.unary_generator)
-                     for n, rate in enumerate(rates)]
-        finally:
-            process.terminate()
-            process.wait(60)
+        runs = {front: against_server(scratch / front, front, args, rates) for front in args.fronts.split(",")}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    main_run = runs.get("native") or next(iter(runs.values()))
+    streamed, messages, sweep = main_run["stream"], main_run["stream_messages"], main_run["unary_sweep"]
     report: dict[str, Any] = {"machine": machine(), "load_average": os.getloadavg(), "inprocess": reference,
-                              "stream": streamed, "stream_messages": messages, "commit_floor": floor, "unary": sweep[-1],
-                              "unary_sweep": sweep,
+                              "front": main_run["front"], "stream": streamed, "stream_messages": messages,
+                              "commit_floor": floor, "unary": sweep[-1], "unary_sweep": sweep,
+                              "other_fronts": [run for run in runs.values() if run is not main_run],
                               "targets": {"ratio_stream_to_inprocess_min": 0.3, "unary_p99_ms_max": 5.0}}
-    if reference and streamed:
-        report["ratio_stream_to_inprocess"] = round(streamed["transfers_per_s"] / reference["transfers_per_s"], 3)
-    if reference and messages:
-        report["ratio_stream_messages_to_inprocess"] = round(messages["transfers_per_s"] / reference["transfers_per_s"], 3)
+    if reference:
+        for run in runs.values():
+            for key, phase in (("ratio_stream_to_inprocess", run["stream"]),
+                               ("ratio_stream_messages_to_inprocess", run["stream_messages"])):
+                if phase:
+                    run[key] = round(phase["transfers_per_s"] / reference["transfers_per_s"], 3)
+        for key in ("ratio_stream_to_inprocess", "ratio_stream_messages_to_inprocess"):
+            if key in main_run:
+                report[key] = main_run[key]
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -38,6 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     parser.add_argument("--tls-client-ca", type=Path,
                         help="CA whose client certificates are required (mutual TLS)")
+    parser.add_argument("--front", choices=["native", "grpcio"], default="native",
+                        help="who serves the port: native (default; HTTP/2 on the event loop answers the unary "
+                             "CreateTransfers itself and passes every other call to grpcio) or grpcio (grpcio "
+                             "alone, as with TLS, which always uses it)")
     parser.add_argument("--ready-file", type=Path, help="write {address, port, pid, ...} as JSON once serving")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(handler=run_serve)
@@ -51,7 +55,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit("citycard: error: --tick-interval must be positive")
     config = ServerConfig(data_dir=Path(args.data), listen=args.listen, plugins=plugins,
                           tick_interval_s=args.tick_interval, grace_s=args.grace, tls_cert=args.tls_cert,
-                          tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, ready_file=args.ready_file)
+                          tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, ready_file=args.ready_file,
+                          native_front=args.front == "native")
     # The medical application keeps its own records beside the core's data (apps/medical/README.md).
     os.environ.setdefault("CITYCARD_MEDICAL_DIR", str(Path(args.data) / "medical"))
     # So does the transit application (apps/bus/__init__.py); DATA/transit/ready.json says where it serves.

@@ -20,7 +20,7 @@ from citycard.server.auth import Authenticator, Principal, require
 from citycard.server.errors import classify, to_status
 from citycard.server.writer import Writer
 
-__all__ = ["Services", "deadline_of", "refuse", "server_streaming", "unary"]
+__all__ = ["Services", "deadline_of", "refusal", "refuse", "server_streaming", "unary"]
 
 log = logging.getLogger("citycard.server")
 T = TypeVar("T")
@@ -46,14 +46,19 @@ _LOAD_SHEDDING = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.
                             grpc.StatusCode.UNAVAILABLE})
 
 
-async def refuse(context: grpc.aio.ServicerContext, method: str, principal: Principal | None,
-                 exc: BaseException) -> None:
+def refusal(method: str, principal: Principal | None, exc: BaseException) -> grpc.Status:
+    """The status a refusal ends its call with, logged with the method, the principal and the reason."""
     code, reason = classify(exc)
     level = logging.DEBUG if code in _LOAD_SHEDDING else logging.INFO
     if log.isEnabledFor(level):
         log.log(level, "refused", extra={"method": method, "principal": str(principal) if principal else "-",
                                          "code": code.name, "reason": reason, "detail": str(exc)[:300]})
-    status = to_status(exc)
+    return to_status(exc)
+
+
+async def refuse(context: grpc.aio.ServicerContext, method: str, principal: Principal | None,
+                 exc: BaseException) -> None:
+    status = refusal(method, principal, exc)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 

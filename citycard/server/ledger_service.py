@@ -56,9 +56,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
     def __init__(self, services: Services) -> None:
         self.services = services
 
-    def _checked_batch(self, request: TransfersRequest, principal: Principal, prefix: str = "") -> np.ndarray:
+    def checked_batch(self, request: TransfersRequest, principal: Principal, prefix: str = "") -> np.ndarray:
         """The request's transfers (messages or packed) as one checked batch; ``prefix`` names the request
-        within a stream (``requests[3].``)."""
+        within a stream (``requests[3].``). The front (front.py) checks its unary calls here too."""
         packed = request.packed_transfers  # read once: each read of a bytes field copies it
         if packed:
             if len(request.transfers):
@@ -76,7 +76,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
     @unary("Ledger.CreateTransfers")
     async def CreateTransfers(self, request: ledger_pb2.CreateTransfersRequest, context: grpc.aio.ServicerContext,
                               principal: Principal) -> ledger_pb2.CreateTransfersResponse:
-        batch = self._checked_batch(request, principal)
+        batch = self.checked_batch(request, principal)
         results = await self.services.writer.submit_transfers(batch, deadline=deadline_of(context))
         return ledger_pb2.CreateTransfersResponse(errors=errors_from_results(results))
 
@@ -119,7 +119,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
         index = 0
         try:
             async for request in request_iterator:
-                batch = self._checked_batch(request, principal, f"requests[{index}].")
+                batch = self.checked_batch(request, principal, f"requests[{index}].")
                 await in_flight.wait_for_room(len(batch))
                 in_flight.put((request.request_id, writer.submit_transfers(batch, deadline=deadline)), len(batch))
                 index += 1

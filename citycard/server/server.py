@@ -8,6 +8,10 @@
 What runs where: the gRPC handlers on one asyncio loop; every read and write of the registry and the ledger
 on the single writer thread (writer.py); built-in applications in processes of their own (plugins.py).
 
+Who serves the port: the front (front.py), HTTP/2 on the same loop, answers the unary CreateTransfers itself
+and passes every other call to grpcio, which listens on an abstract Unix socket behind it. With TLS, or
+``native_front=False`` (``citycard serve --front grpcio``), grpcio serves the port alone.
+
 Credentials the server itself holds, in ``DATA/server/`` (created with mode 0600 on first start):
 ``operator.token`` (the operator's staff tools) and ``enrolment.token`` (handed to a partner so that it can
 register its application). They are read from those files, never from the command line.
@@ -35,6 +39,7 @@ from citycard.server.applications_service import ApplicationsService
 from citycard.server.auth import TOKEN_PREFIX, Authenticator
 from citycard.server.cards_service import CardsService, DenylistWatch
 from citycard.server.common import Services
+from citycard.server.front import Front
 from citycard.server.ledger_service import LedgerService
 from citycard.server.plugins import BUILTIN_PLUGINS, PluginSupervisor
 from citycard.server.writer import QUEUE_EVENTS_MAX, Writer
@@ -80,6 +85,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # with it, clients must present a certificate this CA signed
     ready_file: Path | None = None  # written (JSON) once the server is serving
+    native_front: bool = True  # front.py serves the port (without TLS); False: grpcio alone
     extra_options: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -106,10 +112,12 @@ class CitycardServer:
     """A bound, not yet started server. ``port`` is the port it is bound to."""
 
     def __init__(self, config: ServerConfig, registry: Registry, grpc_server: grpc.aio.Server, port: int,
-                 services: Services, watch: DenylistWatch, health_servicer: health.aio.HealthServicer) -> None:
+                 services: Services, watch: DenylistWatch, health_servicer: health.aio.HealthServicer,
+                 front: Front | None) -> None:
         self.config = config
         self.registry = registry
         self.grpc_server = grpc_server
+        self.front = front
         self.port = port
         self.services = services
         self.watch = watch
@@ -128,6 +136,8 @@ class CitycardServer:
     async def start(self, *, with_plugins: bool = True) -> None:
         self.services.writer.start()
         await self.grpc_server.start()
+        if self.front is not None:
+            await self.front.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tick_task = asyncio.ensure_future(self._tick_forever())
@@ -179,6 +189,8 @@ class CitycardServer:
         await self.plugins.stop()
         if self._tick_task is not None:
             self._tick_task.cancel()
+        if self.front is not None:
+            await self.front.stop(grace)  # its proxied calls finish through grpcio, so grpcio stops after
         await self.grpc_server.stop(grace)
         writer = self.services.writer
         await asyncio.get_running_loop().run_in_executor(None, writer.stop)
@@ -246,23 +258,33 @@ async def create_server(config: ServerConfig) -> CitycardServer:
                      ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
                      ("grpc.so_reuseport", 0), *config.extra_options])
         handlers = _GenericHandlersOnly(grpc_server)  # the Ledger first: the hot paths are found first
-        ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerService(services), handlers)
+        ledger_service = LedgerService(services)
+        ledger_pb2_grpc.add_LedgerServicer_to_server(ledger_service, handlers)
         cards_pb2_grpc.add_CardsServicer_to_server(CardsService(services, watch), handlers)
         applications_pb2_grpc.add_ApplicationsServicer_to_server(ApplicationsService(services), handlers)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             grpc_server)
-        if credentials is None:
+        front = None
+        if credentials is not None:
+            port = grpc_server.add_secure_port(config.listen, credentials)
+        elif not config.native_front:
             port = grpc_server.add_insecure_port(config.listen)
         else:
-            port = grpc_server.add_secure_port(config.listen, credentials)
+            # grpcio behind the front, on a socket in the abstract namespace: nothing on disk to clean up
+            upstream = f"citycard-{os.getpid()}-{secrets.token_hex(8)}"
+            if grpc_server.add_insecure_port(f"unix-abstract:{upstream}") == 0:
+                raise OSError("grpcio cannot listen on its abstract Unix socket")
+            front = Front(services, ledger_service, "\0" + upstream, message_bytes_max=MESSAGE_BYTES_MAX)
+            host, _, port_text = config.listen.rpartition(":")
+            port = await front.bind(host, int(port_text))
         if port == 0:
             raise OSError(f"cannot listen on {config.listen}")
     except BaseException:
         registry.close()
         raise
-    return CitycardServer(config, registry, grpc_server, port, services, watch, health_servicer)
+    return CitycardServer(config, registry, grpc_server, port, services, watch, health_servicer, front)
 
 
 async def serve(config: ServerConfig) -> None:
