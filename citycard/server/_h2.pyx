@@ -130,6 +130,7 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_session_want_write(nghttp2_session *session)
     int nghttp2_session_consume(nghttp2_session *session, int32_t stream_id, size_t size)
     int nghttp2_session_consume_connection(nghttp2_session *session, size_t size)
+    int nghttp2_session_consume_stream(nghttp2_session *session, int32_t stream_id, size_t size)
     int nghttp2_session_resume_data(nghttp2_session *session, int32_t stream_id)
     int nghttp2_session_set_local_window_size(nghttp2_session *session, uint8_t flags, int32_t stream_id,
                                               int32_t window_size)
@@ -325,8 +326,15 @@ cdef class Session:
                 nghttp2_session_consume_connection(self._session, size)  # the stream is gone already
 
     def consume_connection(self, size_t size):
+        """Only the connection's window (``consume_stream`` opened the stream's earlier)."""
         if size:
             nghttp2_session_consume_connection(self._session, size)
+
+    def consume_stream(self, int32_t stream_id, size_t size):
+        """Only the stream's window: the bytes still count against the connection's until
+        ``consume_connection``, which bounds what all of a connection's unfinished requests can hold."""
+        if size:
+            nghttp2_session_consume_stream(self._session, stream_id, size)
 
     def respond(self, int32_t stream_id, headers, *, bint body):
         """Response headers; with ``body`` the stream's data follows through ``send_data``/``end_data``,

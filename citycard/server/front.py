@@ -42,7 +42,7 @@ from citycard.server.auth import Principal, require
 from citycard.server.common import refusal
 from citycard.server.convert import errors_from_results
 from citycard.server.errors import ApiError
-from citycard.v1 import ledger_pb2
+from citycard.v1 import common_pb2, ledger_pb2
 
 __all__ = ["HOT_PATH", "Front"]
 
@@ -50,6 +50,10 @@ HOT_PATH = b"/citycard.v1.Ledger/CreateTransfers"
 HOT_METHOD = "Ledger.CreateTransfers"
 STREAM_WINDOW = 1 << 20  # what a peer may send on one stream before we consume it
 CONNECTION_WINDOW = 16 << 20
+# What the unary calls of one connection may hold between them while their bodies arrive and until they are
+# answered (their bytes keep the connection's window closed meanwhile). A call whose data would pass it is
+# refused, which frees its bytes: so the window never closes on calls none of which can finish.
+HELD_MAX = CONNECTION_WINDOW - STREAM_WINDOW
 STREAMS_MAX = 4096  # concurrent streams a client may open on one connection
 CLOSE_POLL_S = 0.01
 _MESSAGE_HEADER = 5  # gRPC length-prefixed message: compressed flag (1 byte) + length (4 bytes, big-endian)
@@ -68,6 +72,11 @@ class _ProtocolError(ApiError):
 
 class _TooLarge(ApiError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class _TooMuchInFlight(ApiError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = common_pb2.REQUEST_DATA_LIMIT
 
 
 def _grpc_message(text: str) -> bytes:
@@ -113,7 +122,7 @@ class _UnaryCall:
     """A unary CreateTransfers answered here: body collected, checked, booked through the writer, answered
     when its batch is on disk."""
 
-    __slots__ = ("answered", "body", "booking", "conn", "deadline", "metadata", "principal", "stream_id", "too_large")
+    __slots__ = ("answered", "body", "booking", "conn", "deadline", "held", "metadata", "principal", "stream_id")
 
     def __init__(self, conn: _Connection, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.conn = conn
@@ -122,14 +131,25 @@ class _UnaryCall:
                          for name, value in headers if name[:1] != b":"]
         self.deadline = _deadline(next((value for name, value in headers if name == b"grpc-timeout"), None))
         self.body = bytearray()
-        self.too_large = False
         self.booking: asyncio.Future[Any] | None = None
         self.answered = False
         self.principal: Principal | None = None
+        self.held = 0  # request bytes still counted against the connection's window
 
     def data(self, chunk: bytes) -> None:
-        self.conn.session.consume(self.stream_id, len(chunk))
         if self.answered:
+            self.conn.session.consume(self.stream_id, len(chunk))
+            return
+        # The stream may go on sending (a message can be larger than its window), but the bytes keep holding
+        # the connection's window until the call is answered: a connection's unfinished requests never hold
+        # more than CONNECTION_WINDOW between them.
+        conn = self.conn
+        conn.session.consume_stream(self.stream_id, len(chunk))
+        self.held += len(chunk)
+        conn.held += len(chunk)
+        if conn.held > HELD_MAX:
+            self._refuse(_TooMuchInFlight(f"the connection holds more than {HELD_MAX >> 20} MiB of unfinished "
+                                          "requests; nothing was written; retry, or send fewer at once"))
             return
         self.body += chunk
         limit = self.conn.front.message_bytes_max
@@ -164,6 +184,11 @@ class _UnaryCall:
         except Exception as exc:
             raise _ProtocolError("the request does not parse as a CreateTransfersRequest") from exc
 
+    def _release(self) -> None:
+        self.conn.session.consume_connection(self.held)
+        self.conn.held -= self.held
+        self.held = 0
+
     def _booked(self, booking: asyncio.Future[Any]) -> None:
         if booking.cancelled() or self.answered:
             return  # the caller went away
@@ -173,6 +198,7 @@ class _UnaryCall:
             return
         answer = ledger_pb2.CreateTransfersResponse(errors=errors_from_results(booking.result())).SerializeToString()
         self.answered = True
+        self._release()
         session = self.conn.session
         session.respond(self.stream_id, _RESPONSE_HEADERS, body=True)
         session.send_data(self.stream_id, b"\0" + len(answer).to_bytes(4, "big") + answer)
@@ -181,6 +207,7 @@ class _UnaryCall:
 
     def _refuse(self, exc: BaseException) -> None:
         self.answered = True
+        self._release()
         status = refusal(HOT_METHOD, self.principal, exc)
         self.conn.session.respond(self.stream_id, _RESPONSE_HEADERS + _status_trailers(status), body=False)
         self.conn.flush()
@@ -189,6 +216,7 @@ class _UnaryCall:
         pass
 
     def closed(self, error_code: int) -> None:
+        self._release()
         if self.booking is not None and not self.booking.done():
             self.booking.cancel()  # not yet started: the writer skips it; started: ids make a retry safe
 
@@ -382,6 +410,7 @@ class _Connection(_Endpoint):
         self.front = front
         self.session = Session(self, server=True)
         self.calls: dict[int, _Call] = {}
+        self.held = 0  # what its unary calls hold of the connection's window (_UnaryCall.held, summed)
         self._upstream: _Upstream | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -573,6 +602,8 @@ class Front:
         self.services = services
         self.ledger = ledger  # the LedgerService: its checked_batch is the hot path's check
         self.upstream_path = upstream_path  # the grpcio server's Unix socket ("\0name": abstract)
+        # the same as a gRPC target, for the server's own applications (they skip the front)
+        self.upstream_address = "unix-abstract:" + upstream_path.lstrip("\0")
         self.message_bytes_max = message_bytes_max
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None

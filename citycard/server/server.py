@@ -122,7 +122,10 @@ class CitycardServer:
         self.services = services
         self.watch = watch
         self.health = health_servicer
-        self.plugins = PluginSupervisor(services, self.local_address, config.plugins)
+        # The built-in applications run beside the server: they reach grpcio on its own socket, with no hop
+        # through the front (their heavy traffic is the ledger stream, which the front would only pass on).
+        self.plugins = PluginSupervisor(services, front.upstream_address if front else self.local_address,
+                                        config.plugins)
         self._tick_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 

@@ -11,12 +11,12 @@ grpcio answers it, call for call, and what it passes through must keep HTTP/2's 
 
 from __future__ import annotations
 
+import base64
 import socket
 import struct
 
 import grpc
 import pytest
-from citycard.server._h2 import INITIAL_WINDOW_SIZE, Session
 from google.rpc import error_details_pb2
 from grpc_helpers import (
     CALL_TIMEOUT_S,
@@ -32,6 +32,7 @@ from grpc_status import rpc_status
 
 from benches import grpc as bench
 from citycard.server import front
+from citycard.server._h2 import INITIAL_WINDOW_SIZE, Session
 from citycard.v1 import cards_pb2, ledger_pb2
 
 C = grpc.StatusCode
@@ -147,21 +148,22 @@ def test_a_request_that_is_not_a_message_or_too_large_is_refused_by_both(twins):
 # -- a raw HTTP/2 client on the front's own Session ------------------------------------------------------------
 
 class RawClient:
-    """One HTTP/2 connection, driven by hand: ``call`` sends headers and body and reads until the stream ends."""
+    """One HTTP/2 connection, driven by hand: ``call`` sends headers and body and reads until the stream ends;
+    ``answers`` holds every stream's response headers and trailers, merged."""
 
     def __init__(self, address: str) -> None:
         host, _, port = address.rpartition(":")
         self.sock = socket.create_connection((host, int(port)), timeout=CALL_TIMEOUT_S)
         self.session = Session(self, server=False)
         self.session.settings([])
-        self.headers: list[list[tuple[bytes, bytes]]] = []
+        self.answers: dict[int, dict[bytes, bytes]] = {}
         self.data = b""
         self.closed: int | None = None
 
     def call(self, path: bytes, metadata: list[tuple[bytes, bytes]], body: bytes) -> dict[bytes, bytes]:
         headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", b"citycard"),
                    (b"content-type", b"application/grpc"), (b"te", b"trailers"), *metadata]
-        self.headers, self.data, self.closed = [], b"", None
+        self.data, self.closed = b"", None
         stream_id = self.session.request(headers)
         self.session.send_data(stream_id, body)
         self.session.end_data(stream_id)
@@ -170,13 +172,13 @@ class RawClient:
             received = self.sock.recv(65536)
             assert received, "the server closed the connection"
             self.session.receive(received)
-        return {name: value for block in self.headers for name, value in block}
+        return self.answers[stream_id]
 
     def close(self) -> None:
         self.sock.close()
 
     def on_headers(self, stream_id, headers, end_stream):
-        self.headers.append(headers)
+        self.answers.setdefault(stream_id, {}).update(headers)
 
     def on_data(self, stream_id, data):
         self.data += data
@@ -300,6 +302,48 @@ def test_bytes_that_are_not_http2_close_that_connection_only(twins):
         sock.settimeout(CALL_TIMEOUT_S)
         while sock.recv(65536):  # whatever the server says (its SETTINGS), it then closes the connection
             pass
+    found = server.ledger().LookupTransfers(ledger_pb2.LookupTransfersRequest(ids=["b1"]),
+                                            metadata=auth(server.operator_token), timeout=CALL_TIMEOUT_S)
+    assert [t.id for t in found.transfers] == ["b1"]
+
+
+def test_unfinished_requests_hold_at_most_the_connection_window(twins):
+    """Bodies still arriving keep the connection's window closed for their bytes, up to HELD_MAX for one
+    connection: past it the call whose data does not fit is refused (RESOURCE_EXHAUSTED, REQUEST_DATA_LIMIT),
+    which frees its bytes, so a client that never finishes its messages cannot make the server hold more, and
+    the window never closes on calls none of which can finish."""
+    world = twins[0]
+    server = world["server"]
+    client = RawClient(server.address)
+    streams, piece = 20, 1 << 20
+    try:
+        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", front.HOT_PATH), (b":authority", b"x"),
+                   (b"content-type", b"application/grpc"),
+                   (b"authorization", f"Bearer {world['token']}".encode())]
+        ids = []
+        for _ in range(streams):
+            stream_id = client.session.request(headers)
+            client.session.send_data(stream_id, struct.pack(">BI", 0, 2 * piece) + b"\0" * (piece - 5))
+            ids.append(stream_id)
+        client.sock.settimeout(1.0)
+        while True:  # until the server has nothing more to say
+            client.sock.sendall(client.session.output())
+            try:
+                received = client.sock.recv(65536)
+            except TimeoutError:
+                break
+            assert received
+            client.session.receive(received)
+        refused = [stream_id for stream_id in ids if stream_id in client.answers]
+        assert refused, "the server held every unfinished request"
+        for stream_id in refused:
+            assert client.answers[stream_id][b"grpc-status"] == str(C.RESOURCE_EXHAUSTED.value[0]).encode()
+            assert b"REQUEST_DATA_LIMIT" in base64.b64decode(client.answers[stream_id][b"grpc-status-details-bin"]
+                                                             + b"==")
+        held = sum(piece - client.session.queued(stream_id) for stream_id in ids if stream_id not in refused)
+        assert held <= front.HELD_MAX
+    finally:
+        client.close()
     found = server.ledger().LookupTransfers(ledger_pb2.LookupTransfersRequest(ids=["b1"]),
                                             metadata=auth(server.operator_token), timeout=CALL_TIMEOUT_S)
     assert [t.id for t in found.transfers] == ["b1"]
