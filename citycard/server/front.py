@@ -1,5 +1,6 @@
-"""The server's public port: HTTP/2 on the event loop itself, answering the unary CreateTransfers at once and
-handing every other call, unchanged, to grpcio behind it.
+"""The server's public port: HTTP/2 on the event loop itself, answering the Ledger's two write paths (the unary
+CreateTransfers and the CreateTransfersStream) at once and handing every other call, unchanged, to grpcio
+behind it.
 
 Why: grpcio spends 0.4-0.9 ms of CPU on a unary call, most of it in handing each call between its threads
 (its event engine, its poller, the event loop), and on the 2-core reference machine that alone capped the
@@ -7,13 +8,16 @@ server near 1,000 unary calls a second. The unary CreateTransfers is what gates 
 rush hour, so it is answered here, on the loop, with the frames parsed by libnghttp2 (``_h2``): the request's
 credential, scope and checks are the Ledger service's own (``LedgerService.checked_batch``), the transfers
 go to the same group-committing writer, and the answer leaves once its batch is on disk, exactly as grpcio
-would have sent it (same message, status codes, ErrorInfo details, deadlines).
+would have sent it (same message, status codes, ErrorInfo details, deadlines). The stream is answered the way
+LedgerService.CreateTransfersStream answers it (in order, the same window of requests in flight, a bad
+request ending the stream after the answers before it), without grpcio copying each megabyte request through
+its threads. tests/grpc/test_front.py holds both to grpcio's answers, call for call.
 
-Every other call (look-ups, streams, cards, applications, health, reflection) is proxied stream by stream to
-the grpcio server, which listens on an abstract Unix socket only this process names: headers, data and
-trailers pass through as they are, flow control holds a fast sender to the pace of the other side, and a
-reset on either side resets the other. Each client connection gets its own connection to grpcio, opened
-with its first proxied call.
+Every other call (look-ups, the denylist stream, cards, applications, health, reflection) is proxied stream by
+stream to the grpcio server, which listens on an abstract Unix socket only this process names: headers, data
+and trailers pass through as they are, flow control holds a fast sender to the pace of the other side, and a
+reset on either side resets the other. Each client connection gets its own connection to grpcio, opened with
+its first proxied call. The built-in applications skip the front and call grpcio on that socket directly.
 
 The front speaks plaintext HTTP/2 (h2c), as every gRPC client does without TLS. With TLS configured the
 server has grpcio serve the port itself, as before (it needs the client certificate for mutual TLS).
@@ -25,10 +29,12 @@ import asyncio
 import base64
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from citycard.server._h2 import (
     CANCEL,
@@ -42,12 +48,15 @@ from citycard.server.auth import Principal, require
 from citycard.server.common import refusal
 from citycard.server.convert import errors_from_results
 from citycard.server.errors import ApiError
+from citycard.server.ledger_service import STREAM_WINDOW_EVENTS, STREAM_WINDOW_REQUESTS
 from citycard.v1 import common_pb2, ledger_pb2
 
 __all__ = ["HOT_PATH", "Front"]
 
 HOT_PATH = b"/citycard.v1.Ledger/CreateTransfers"
 HOT_METHOD = "Ledger.CreateTransfers"
+STREAM_PATH = b"/citycard.v1.Ledger/CreateTransfersStream"
+STREAM_METHOD = "Ledger.CreateTransfersStream"
 STREAM_WINDOW = 1 << 20  # what a peer may send on one stream before we consume it
 CONNECTION_WINDOW = 16 << 20
 # What the unary calls of one connection may hold between them while their bodies arrive and until they are
@@ -101,6 +110,11 @@ def _deadline(value: bytes | None) -> float | None:
     return time.monotonic() + int(value[:-1]) * _TIMEOUT_UNITS[value[-1:]]
 
 
+def _metadata(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """A call's metadata as grpcio hands it to a servicer: every header but the pseudo-headers."""
+    return [(name.decode("latin-1"), value.decode("utf-8", "replace")) for name, value in headers if name[:1] != b":"]
+
+
 class _Metadata:
     """What Authenticator.authenticate reads of a call: its metadata (and no TLS peer: the front is h2c)."""
 
@@ -127,8 +141,7 @@ class _UnaryCall:
     def __init__(self, conn: _Connection, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.conn = conn
         self.stream_id = stream_id
-        self.metadata = [(name.decode("latin-1"), value.decode("utf-8", "replace"))
-                         for name, value in headers if name[:1] != b":"]
+        self.metadata = _metadata(headers)
         self.deadline = _deadline(next((value for name, value in headers if name == b"grpc-timeout"), None))
         self.body = bytearray()
         self.booking: asyncio.Future[Any] | None = None
@@ -141,15 +154,13 @@ class _UnaryCall:
             self.conn.session.consume(self.stream_id, len(chunk))
             return
         # The stream may go on sending (a message can be larger than its window), but the bytes keep holding
-        # the connection's window until the call is answered: a connection's unfinished requests never hold
-        # more than CONNECTION_WINDOW between them.
-        conn = self.conn
-        conn.session.consume_stream(self.stream_id, len(chunk))
+        # the connection's window until the call is answered: a connection's unfinished calls never hold more
+        # than HELD_MAX between them (past it, this one is refused, which frees its bytes).
+        self.conn.session.consume_stream(self.stream_id, len(chunk))
         self.held += len(chunk)
-        conn.held += len(chunk)
-        if conn.held > HELD_MAX:
-            self._refuse(_TooMuchInFlight(f"the connection holds more than {HELD_MAX >> 20} MiB of unfinished "
-                                          "requests; nothing was written; retry, or send fewer at once"))
+        too_much = self.conn.hold(len(chunk))
+        if too_much is not None:
+            self._refuse(too_much)
             return
         self.body += chunk
         limit = self.conn.front.message_bytes_max
@@ -181,7 +192,7 @@ class _UnaryCall:
             raise _ProtocolError("a compressed message without grpc-encoding")
         try:
             return ledger_pb2.CreateTransfersRequest.FromString(bytes(body[_MESSAGE_HEADER:]))
-        except Exception as exc:
+        except DecodeError as exc:
             raise _ProtocolError("the request does not parse as a CreateTransfersRequest") from exc
 
     def _release(self) -> None:
@@ -219,6 +230,195 @@ class _UnaryCall:
         self._release()
         if self.booking is not None and not self.booking.done():
             self.booking.cancel()  # not yet started: the writer skips it; started: ids make a retry safe
+
+
+class _StreamCall:
+    """A CreateTransfersStream answered here, as LedgerService.CreateTransfersStream answers it: requests read
+    in order while the stream's window has room (STREAM_WINDOW_REQUESTS requests, STREAM_WINDOW_EVENTS
+    transfers), each checked and booked through the writer, answered in order; a bad request ends the stream
+    with its status once the requests before it are answered. While the window is full nothing more is read
+    and the stream's HTTP/2 window stays closed, so a fast sender waits."""
+
+    __slots__ = ("body", "client_done", "conn", "deadline", "events", "finished", "held", "in_flight", "index", "next",
+                 "principal", "reading_done", "responded", "stream_id", "unconsumed")
+
+    def __init__(self, conn: _Connection, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.deadline = _deadline(next((value for name, value in headers if name == b"grpc-timeout"), None))
+        self.body = bytearray()
+        self.unconsumed = 0  # received bytes the stream's window has not been opened for again
+        self.held = 0  # received bytes still held against the connection's window (as _UnaryCall.held)
+        self.index = 0  # requests read
+        self.next: tuple[int, Any] | None = None  # a checked request waiting for room: (request_id, batch)
+        self.in_flight: deque[tuple[int, Any, int]] = deque()  # (request_id, booking or refusal, transfers)
+        self.events = 0
+        self.responded = False
+        self.finished = False
+        self.client_done = False  # the client has sent its last request
+        self.reading_done = False  # a request was refused: nothing after it is read
+        self.principal: Principal | None = None
+        try:
+            self.principal = conn.front.services.auth.authenticate(_Metadata(_metadata(headers)))
+            require(self.principal, STREAM_METHOD)
+        except Exception as exc:  # noqa: BLE001 - a refusal ends the call, as in common.refuse
+            self._finish(exc)
+
+    def data(self, chunk: bytes) -> None:
+        conn = self.conn
+        if self.finished or self.reading_done:  # what follows a refused request is never read
+            conn.session.consume(self.stream_id, len(chunk))
+            return
+        self.body += chunk
+        self.unconsumed += len(chunk)
+        self.held += len(chunk)
+        too_much = conn.hold(len(chunk))
+        if too_much is not None:
+            self._finish(too_much)
+            return
+        self._read()
+
+    def end(self) -> None:
+        self.client_done = True
+        if not self.finished:
+            self._read()
+            self._answer()
+
+    def _read(self) -> None:
+        """Take the complete requests in the buffer while there is room; reopen the stream's window unless a
+        request is waiting for room."""
+        body, limit = self.body, self.conn.front.message_bytes_max
+        while not self.finished and not self.reading_done and self.next is None and len(body) >= _MESSAGE_HEADER:
+            size = int.from_bytes(body[1:_MESSAGE_HEADER], "big")
+            if size > limit:
+                self._finish(_TooLarge(f"received message larger than max ({size} vs. {limit})"))
+                return
+            if len(body) < _MESSAGE_HEADER + size:
+                break
+            if body[0]:
+                self._finish(_ProtocolError("a compressed message without grpc-encoding"))
+                return
+            raw = bytes(body[_MESSAGE_HEADER:_MESSAGE_HEADER + size])
+            del body[:_MESSAGE_HEADER + size]
+            self._release(_MESSAGE_HEADER + size)
+            try:
+                try:
+                    request = ledger_pb2.CreateTransfersStreamRequest.FromString(raw)
+                except DecodeError as exc:
+                    raise _ProtocolError(f"requests[{self.index}] does not parse as a "
+                                         "CreateTransfersStreamRequest") from exc
+                batch = self.conn.front.ledger.checked_batch(request, self.principal, f"requests[{self.index}].")
+            except Exception as exc:  # noqa: BLE001 - answered in order, then the stream ends
+                self._refuse_in_order(exc)
+                return
+            self.index += 1
+            self.next = (request.request_id, batch)
+            self._submit()
+        if self.next is None and self.unconsumed:
+            self.conn.session.consume_stream(self.stream_id, self.unconsumed)
+            self.unconsumed = 0
+
+    def _submit(self) -> None:
+        """Book the waiting request if the window has room (one request always fits an empty window)."""
+        if self.next is None:
+            return
+        request_id, batch = self.next
+        if self.in_flight and (len(self.in_flight) >= STREAM_WINDOW_REQUESTS
+                               or self.events + len(batch) > STREAM_WINDOW_EVENTS):
+            return
+        self.next = None
+        try:
+            booking = self.conn.front.services.writer.submit_transfers(batch, deadline=self.deadline)
+        except Exception as exc:  # noqa: BLE001 - Overloaded, ShuttingDown: in order, as the grpcio path
+            self._refuse_in_order(exc)
+            return
+        self.in_flight.append((request_id, booking, len(batch)))
+        self.events += len(batch)
+        booking.add_done_callback(self._booked)
+
+    def _refuse_in_order(self, exc: BaseException) -> None:
+        """A request refused: nothing after it is read; its status ends the stream after the answers before it."""
+        self.in_flight.append((-1, exc, 0))
+        self.reading_done = True
+        self._release(self.held)
+        self.body.clear()
+        self._answer()
+
+    def _booked(self, booking: asyncio.Future[Any]) -> None:
+        if not self.finished:
+            self._answer()
+            self.conn.flush()
+
+    def _answer(self) -> None:
+        """Answer the requests at the head that are booked, in order; end the stream when it is done."""
+        session, room_made = self.conn.session, False
+        while self.in_flight and not self.finished:
+            request_id, item, events = self.in_flight[0]
+            if isinstance(item, BaseException):
+                self._finish(item)
+                return
+            if not item.done():
+                break
+            error = asyncio.CancelledError() if item.cancelled() else item.exception()
+            if error is not None:
+                self._finish(error)
+                return
+            answer = ledger_pb2.CreateTransfersStreamResponse(
+                request_id=request_id, errors=errors_from_results(item.result())).SerializeToString()
+            if not self.responded:
+                self.responded = True
+                session.respond(self.stream_id, _RESPONSE_HEADERS, body=True)
+            session.send_data(self.stream_id, b"\0" + len(answer).to_bytes(4, "big") + answer)
+            self.in_flight.popleft()
+            self.events -= events
+            room_made = True
+        if room_made:
+            self._submit()
+            self._read()
+        if not self.finished and not self.in_flight and self.next is None and self.client_done:
+            if self.body:
+                self._finish(_ProtocolError("the stream ended inside a message"))
+            else:
+                self._finish(None)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        """End the stream: status OK (``exc`` None) or the refusal's; bookings not yet started are dropped."""
+        self.finished = True
+        self._release(self.held)
+        for _, item, _ in self.in_flight:
+            if isinstance(item, asyncio.Future) and not item.done():
+                item.cancel()
+        self.in_flight.clear()
+        self.next = None
+        trailers = _OK_TRAILERS if exc is None else _status_trailers(refusal(STREAM_METHOD, self.principal, exc))
+        session = self.conn.session
+        if self.responded:
+            session.end_data(self.stream_id, trailers)
+        else:
+            self.responded = True
+            session.respond(self.stream_id, _RESPONSE_HEADERS + trailers, body=False)
+        if self.unconsumed:
+            session.consume_stream(self.stream_id, self.unconsumed)
+            self.unconsumed = 0
+        self.conn.flush()
+
+    def _release(self, size: int) -> None:
+        size = min(size, self.held)
+        self.conn.session.consume_connection(size)
+        self.conn.held -= size
+        self.held -= size
+
+    def taken(self, size: int) -> None:
+        pass
+
+    def closed(self, error_code: int) -> None:
+        if not self.finished:
+            self.finished = True
+            for _, item, _ in self.in_flight:
+                if isinstance(item, asyncio.Future) and not item.done():
+                    item.cancel()  # not yet started: the writer skips it; started: ids make a retry safe
+            self.in_flight.clear()
+        self._release(self.held)
 
 
 class _ProxiedCall:
@@ -338,7 +538,7 @@ class _ProxiedCall:
             self.conn.flush()
 
 
-_Call = _UnaryCall | _ProxiedCall
+_Call = _UnaryCall | _StreamCall | _ProxiedCall
 
 
 # -- the connections -------------------------------------------------------------------------------------
@@ -434,6 +634,16 @@ class _Connection(_Endpoint):
         if self._upstream is not None:
             self._upstream.close()
 
+    def hold(self, size: int) -> _TooMuchInFlight | None:
+        """Count ``size`` more request bytes held by this connection's calls; the refusal for the call that
+        brought them if that passes HELD_MAX (refusing it frees its bytes: the window never closes on calls
+        none of which can finish)."""
+        self.held += size
+        if self.held <= HELD_MAX:
+            return None
+        return _TooMuchInFlight(f"the connection holds more than {HELD_MAX >> 20} MiB of unfinished requests; "
+                                "nothing more of this call was written; retry, or send fewer at once")
+
     def upstream(self) -> _Upstream:
         if self._upstream is None or (self._upstream.closed and not self._upstream.calls):
             self._upstream = _Upstream(self)
@@ -457,9 +667,11 @@ class _Connection(_Endpoint):
                 content_type = value
             elif name == b"grpc-encoding":
                 encoding = value
-        if path == HOT_PATH and content_type is not None and content_type.startswith(b"application/grpc") \
-                and encoding in (None, b"identity"):
-            return _UnaryCall(self, stream_id, headers)
+        if content_type is not None and content_type.startswith(b"application/grpc") and encoding in (None, b"identity"):
+            if path == HOT_PATH:
+                return _UnaryCall(self, stream_id, headers)
+            if path == STREAM_PATH:
+                return _StreamCall(self, stream_id, headers)
         return _ProxiedCall(self, stream_id, headers)  # grpcio answers everything else, and any oddity
 
     def on_data(self, stream_id: int, data: bytes) -> None:

@@ -2,7 +2,7 @@
 grpcio answers it, call for call, and what it passes through must keep HTTP/2's flow control.
 
 - Differential: two real servers, one with the front and one with grpcio alone (``--front grpcio``), built
-  the same way, get the same calls; every answer (errors listed, status code, message, ErrorInfo, BadRequest)
+  the same way, get the same unary calls and streams; every answer (errors listed, status code, message, ErrorInfo, BadRequest)
   must be the same, but for a body that does not parse (INTERNAL from the front, UNKNOWN from grpc.aio).
 - Framing grpcio's clients never send (a compressed flag without grpc-encoding, two messages in a unary call,
   none) is sent by a raw HTTP/2 client on the front's own Session, and refused INTERNAL with nothing booked.
@@ -74,15 +74,7 @@ def answer(world, request: bytes, metadata) -> tuple:
     try:
         reply = ledger_pb2.CreateTransfersResponse.FromString(call(request, metadata=metadata, timeout=CALL_TIMEOUT_S))
     except grpc.RpcError as exc:
-        details = []
-        status = rpc_status.from_call(exc)
-        for detail in status.details if status is not None else ():
-            for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
-                if detail.Is(kind.DESCRIPTOR):
-                    message = kind()
-                    detail.Unpack(message)
-                    details.append(str(message))
-        return exc.code(), exc.details(), details
+        return exc.code(), exc.details(), error_details(exc)
     return C.OK, [(error.index, error.result) for error in reply.errors]
 
 
@@ -132,6 +124,60 @@ def test_the_front_answers_every_call_as_grpcio_does(twins):
         for world in twins]
     assert [(t.id, t.amount_fen) for t in books[0].transfers] == [(t.id, t.amount_fen) for t in books[1].transfers]
     assert len(books[0].transfers) == 4  # b1, b2, b3 and the packed one
+
+
+def error_details(exc: grpc.RpcError) -> list[str]:
+    details = []
+    status = rpc_status.from_call(exc)
+    for detail in status.details if status is not None else ():
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                details.append(str(message))
+    return details
+
+
+def stream_answer(world, requests: list, metadata) -> tuple:
+    """What a CreateTransfersStream of ``requests`` comes back with: the answers in order, then the status."""
+    answers = []
+    try:
+        for reply in world["server"].ledger().CreateTransfersStream(iter(requests), metadata=metadata,
+                                                                    timeout=CALL_TIMEOUT_S):
+            answers.append((reply.request_id, [(error.index, error.result) for error in reply.errors]))
+    except grpc.RpcError as exc:
+        return answers, exc.code(), exc.details(), error_details(exc)
+    return answers, C.OK
+
+
+def stream_of(world, *requests: list) -> list:
+    return [ledger_pb2.CreateTransfersStreamRequest(request_id=100 + n, transfers=transfers)
+            for n, transfers in enumerate(requests)]
+
+
+# Each case: (name, the stream's requests for a world, whose credential).
+STREAM_CASES = [
+    ("three requests", lambda w: stream_of(w, [transfer(w, "e1")], [transfer(w, "e2"), transfer(w, "e3")],
+                                           [transfer(w, "e1")]), "app"),
+    ("a bad field in the third", lambda w: stream_of(w, [transfer(w, "e4")], [transfer(w, "e5")],
+                                                     [transfer(w, "zz")], [transfer(w, "e6")]), "app"),
+    ("MEDICAL in the second", lambda w: stream_of(w, [transfer(w, "e7")], [transfer(w, "e8", ledger=1)]), "app"),
+    ("an empty request", lambda w: stream_of(w, [transfer(w, "e9")], []), "app"),
+    ("no requests", lambda w: [], "app"),
+    ("no credential", lambda w: stream_of(w, [transfer(w, "ea")]), "none"),
+    ("the operator may not book", lambda w: stream_of(w, [transfer(w, "ea")]), "operator"),
+]
+
+
+def test_the_front_answers_every_stream_as_grpcio_does(twins):
+    for name, requests, who in STREAM_CASES:
+        answers = [stream_answer(world, requests(world), credential(world, who)) for world in twins]
+        assert answers[0] == answers[1], name
+    books = [world["server"].ledger().GetAccountTransfers(
+        ledger_pb2.GetAccountTransfersRequest(account_id=world["settlement"]), metadata=auth(world["token"]))
+        for world in twins]
+    assert [t.id for t in books[0].transfers] == [t.id for t in books[1].transfers]
+    assert {"e1", "e2", "e3", "e4", "e5", "e7", "e9"} <= {t.id for t in books[0].transfers}
 
 
 def test_a_request_that_is_not_a_message_or_too_large_is_refused_by_both(twins):
