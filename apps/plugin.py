@@ -13,7 +13,8 @@ To be one of the built-in applications that ``citycard serve`` starts, a module 
 registration), then starts ``python -m citycard.apps.<name>`` with the environment below, stops it with
 SIGTERM on shutdown, and restarts it (a few times, with back-off) if it dies.
 
-    CITYCARD_SERVER        host:port of the server
+    CITYCARD_SERVER        the server's gRPC target: grpcio's own socket behind the front
+                           (unix-abstract:NAME), or host:port when grpcio serves the port alone
     CITYCARD_PLUGIN_TOKEN  the application's bearer token (read once and removed from the environment)
 
 A third party's application follows the same shape without this module: it builds its stubs from the
