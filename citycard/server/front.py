@@ -110,6 +110,12 @@ def _deadline(value: bytes | None) -> float | None:
     return time.monotonic() + int(value[:-1]) * _TIMEOUT_UNITS[value[-1:]]
 
 
+def _is_grpc(content_type: bytes | None) -> bool:
+    """application/grpc, with or without +proto or parameters; not grpc-web (its trailers ride in the body)."""
+    return content_type is not None and (content_type == b"application/grpc"
+                                         or content_type.startswith((b"application/grpc+", b"application/grpc;")))
+
+
 def _metadata(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """A call's metadata as grpcio hands it to a servicer: every header but the pseudo-headers."""
     return [(name.decode("latin-1"), value.decode("utf-8", "replace")) for name, value in headers if name[:1] != b":"]
@@ -667,7 +673,7 @@ class _Connection(_Endpoint):
                 content_type = value
             elif name == b"grpc-encoding":
                 encoding = value
-        if content_type is not None and content_type.startswith(b"application/grpc") and encoding in (None, b"identity"):
+        if _is_grpc(content_type) and encoding in (None, b"identity"):
             if path == HOT_PATH:
                 return _UnaryCall(self, stream_id, headers)
             if path == STREAM_PATH:
