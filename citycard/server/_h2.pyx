@@ -118,6 +118,7 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_option_new(nghttp2_option **option_ptr)
     void nghttp2_option_del(nghttp2_option *option)
     void nghttp2_option_set_no_auto_window_update(nghttp2_option *option, int val)
+    void nghttp2_option_set_no_closed_streams(nghttp2_option *option, int val)
 
     int nghttp2_session_server_new2(nghttp2_session **session_ptr, const nghttp2_session_callbacks *callbacks,
                                     void *user_data, const nghttp2_option *option)
@@ -237,6 +238,9 @@ cdef class Session:
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, _on_data_chunk_recv)
         nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, _on_stream_close)
         nghttp2_option_set_no_auto_window_update(option, 1)
+        # Closed streams are kept only for RFC 7540's priority tree, which gRPC does not use: up to the
+        # concurrent-stream limit (4,096) of them a connection, for nothing.
+        nghttp2_option_set_no_closed_streams(option, 1)
         cdef int rv
         if server:
             rv = nghttp2_session_server_new2(&self._session, callbacks, <void *>self, option)
